@@ -41,9 +41,7 @@ def generated_files(out_dir: Path) -> dict[str, bytes]:
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed; see its messages above")
     return {
-        path.name: path.read_bytes()
-        for path in sorted(staging.iterdir())
-        if _is_wanted(path.name)
+        path.name: path.read_bytes() for path in sorted(staging.iterdir()) if _is_wanted(path.name)
     }
 
 
