@@ -1,0 +1,6 @@
+"""The verifier's evidence store (SQLAlchemy; SQLite by default, PostgreSQL-ready)."""
+
+from server.store.errors import ENROLMENT_REFUSALS, EnrolmentRefusal, EnrolmentRefused, StoreError
+from server.store.store import Store
+
+__all__ = ["ENROLMENT_REFUSALS", "EnrolmentRefusal", "EnrolmentRefused", "Store", "StoreError"]

@@ -1,0 +1,215 @@
+"""Evidence-chain steps, run inside the caller's write transaction."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+
+from server.records import AcceptedEnvelope, GapRecord
+from server.store.errors import StoreError
+from server.store.schema import GAP_KINDS, Agent, Envelope, Gap, GpuWindow, Nonce, Process
+
+_Row = dict[str, Any]
+
+
+def store_fresh(conn: Connection, accepted: Sequence[AcceptedEnvelope]) -> int:
+    """Store the envelopes of ``accepted`` not stored yet, with everything hanging off them.
+
+    Returns how many were new. See :meth:`server.store.Store.store_accepted`.
+    """
+    fresh = _not_yet_stored(conn, accepted)
+    if not fresh:
+        return 0
+    require_agents(conn, {envelope.agent_id for envelope in fresh})
+    conn.execute(insert(Envelope), [_envelope_row(envelope) for envelope in fresh])
+    _insert_rows(conn, GpuWindow, [row for e in fresh for row in _window_rows(e)])
+    _insert_rows(conn, Process, [row for e in fresh for row in _process_rows(e)])
+    insert_new_gaps(conn, [gap for gap in map(declared_gap, fresh) if gap is not None])
+    _burn_nonces(conn, fresh)
+    _advance_agents(conn, fresh)
+    return len(fresh)
+
+
+def _not_yet_stored(
+    conn: Connection, accepted: Sequence[AcceptedEnvelope]
+) -> list[AcceptedEnvelope]:
+    sequences_by_agent: dict[str, set[int]] = defaultdict(set)
+    for envelope in accepted:
+        sequences_by_agent[envelope.agent_id].add(envelope.sequence)
+    seen: set[tuple[str, int]] = set()
+    for agent_id, sequences in sequences_by_agent.items():
+        stored = conn.execute(
+            select(Envelope.sequence).where(
+                Envelope.agent_id == agent_id, Envelope.sequence.in_(sequences)
+            )
+        ).scalars()
+        seen.update((agent_id, sequence) for sequence in stored)
+    fresh = []
+    for envelope in accepted:
+        key = (envelope.agent_id, envelope.sequence)
+        if key not in seen:
+            seen.add(key)
+            fresh.append(envelope)
+    return fresh
+
+
+def require_agents(conn: Connection, agent_ids: Iterable[str]) -> None:
+    """Raise :class:`StoreError` naming any of ``agent_ids`` that was never enrolled."""
+    wanted = set(agent_ids)
+    known = set(conn.execute(select(Agent.agent_id).where(Agent.agent_id.in_(wanted))).scalars())
+    missing = wanted - known
+    if missing:
+        raise StoreError(f"agents never enrolled: {', '.join(sorted(missing))}")
+
+
+def _insert_rows(conn: Connection, model: type[GpuWindow | Process], rows: list[_Row]) -> None:
+    if rows:
+        conn.execute(insert(model), rows)
+
+
+def insert_new_gaps(conn: Connection, gaps: Sequence[GapRecord]) -> None:
+    """Insert the gaps not stored yet (one per agent, first, last and kind)."""
+    seen: set[tuple[str, int, int, str]] = set()
+    rows = []
+    for gap in gaps:
+        key = (gap.agent_id, gap.first_missing, gap.last_missing, gap.kind)
+        if key in seen or _gap_stored(conn, gap):
+            continue
+        seen.add(key)
+        rows.append(
+            {
+                "agent_id": gap.agent_id,
+                "first_missing": gap.first_missing,
+                "last_missing": gap.last_missing,
+                "kind": gap.kind,
+                "detected_unix_ns": gap.detected_unix_ns,
+            }
+        )
+    if rows:
+        conn.execute(insert(Gap), rows)
+
+
+def _gap_stored(conn: Connection, gap: GapRecord) -> bool:
+    query = select(Gap.id).where(
+        Gap.agent_id == gap.agent_id,
+        Gap.first_missing == gap.first_missing,
+        Gap.last_missing == gap.last_missing,
+        Gap.kind == gap.kind,
+    )
+    return conn.execute(query).first() is not None
+
+
+def _burn_nonces(conn: Connection, envelopes: Iterable[AcceptedEnvelope]) -> None:
+    for envelope in envelopes:
+        if envelope.nonce:
+            conn.execute(
+                update(Nonce)
+                .where(Nonce.nonce == envelope.nonce, Nonce.used_at_unix_ns.is_(None))
+                .values(used_at_unix_ns=envelope.received_unix_ns)
+            )
+
+
+def _advance_agents(conn: Connection, envelopes: Iterable[AcceptedEnvelope]) -> None:
+    newest: dict[str, AcceptedEnvelope] = {}
+    last_received: dict[str, int] = {}
+    for envelope in envelopes:
+        agent_id = envelope.agent_id
+        if agent_id not in newest or envelope.sequence > newest[agent_id].sequence:
+            newest[agent_id] = envelope
+        last_received[agent_id] = max(last_received.get(agent_id, 0), envelope.received_unix_ns)
+    for agent_id, envelope in newest.items():
+        # Guarded so a late, lower sequence can never move the chain head backwards.
+        conn.execute(
+            update(Agent)
+            .where(Agent.agent_id == agent_id, Agent.acked_sequence < envelope.sequence)
+            .values(
+                acked_sequence=envelope.sequence,
+                last_envelope_sha256=envelope.chain_head_sha256,
+            )
+        )
+        touch(conn, agent_id, last_received[agent_id])
+
+
+def touch(conn: Connection, agent_id: str, now_unix_ns: int) -> None:
+    """Move the agent's last-seen time forward to ``now_unix_ns`` (never backwards)."""
+    conn.execute(
+        update(Agent)
+        .where(Agent.agent_id == agent_id, Agent.last_seen_unix_ns < now_unix_ns)
+        .values(last_seen_unix_ns=now_unix_ns)
+    )
+
+
+def declared_gap(envelope: AcceptedEnvelope) -> GapRecord | None:
+    """The "declared" gap a gap notice puts on record, or None for ordinary evidence."""
+    if envelope.declared_gap is None:
+        return None
+    first_missing, last_missing = envelope.declared_gap
+    return GapRecord(
+        envelope.agent_id, first_missing, last_missing, "declared", envelope.received_unix_ns
+    )
+
+
+def check_gap(gap: GapRecord) -> None:
+    """Raise ValueError unless the gap has a known kind and a range 1 <= first <= last."""
+    if gap.kind not in GAP_KINDS:
+        raise ValueError(f"gap kind must be one of {GAP_KINDS}, not {gap.kind!r}")
+    if not 1 <= gap.first_missing <= gap.last_missing:
+        raise ValueError(
+            f"gap range {gap.first_missing}..{gap.last_missing} is not 1 <= first <= last"
+        )
+
+
+def _envelope_row(envelope: AcceptedEnvelope) -> _Row:
+    return {
+        "agent_id": envelope.agent_id,
+        "sequence": envelope.sequence,
+        "sha256": envelope.envelope_sha256,
+        "payload_type": envelope.payload_type,
+        "envelope": envelope.envelope,
+        "received_unix_ns": envelope.received_unix_ns,
+        "window_start_unix_ns": envelope.window_start_unix_ns,
+        "window_end_unix_ns": envelope.window_end_unix_ns,
+        "source": envelope.source,
+        "nonce": envelope.nonce,
+    }
+
+
+def _window_rows(envelope: AcceptedEnvelope) -> list[_Row]:
+    return [
+        {
+            "agent_id": envelope.agent_id,
+            "sequence": envelope.sequence,
+            "gpu_index": gpu.gpu_index,
+            "gpu_uuid": gpu.gpu_uuid,
+            "start_unix_ns": gpu.start_unix_ns,
+            "end_unix_ns": gpu.end_unix_ns,
+            "sample_count": gpu.sample_count,
+            "verdict": gpu.verdict,
+            "confidence": gpu.confidence,
+            "model_version": gpu.model_version,
+            # Sorted keys: the same features always give the same text.
+            "features_json": json.dumps(gpu.features, sort_keys=True),
+        }
+        for gpu in envelope.gpus
+    ]
+
+
+def _process_rows(envelope: AcceptedEnvelope) -> list[_Row]:
+    return [
+        {
+            "agent_id": envelope.agent_id,
+            "sequence": envelope.sequence,
+            "process_index": position,
+            "gpu_index": process.gpu_index,
+            "pid": process.pid,
+            "used_memory_mib": process.used_memory_mib,
+            "job_kind": process.job_kind,
+            "job_id": process.job_id,
+            "trusted": process.trusted,
+        }
+        for position, process in enumerate(envelope.processes)
+    ]

@@ -1,0 +1,66 @@
+"""Read-side helpers for the CLI and the Results service."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import Connection, Row, func, select
+from sqlalchemy.orm import InstrumentedAttribute
+
+from server.records import WindowRow
+from server.store.schema import GpuWindow, Key
+
+# The columns of a WindowRow that gpu_windows holds; the source comes from its envelope.
+WINDOW_COLUMNS = (
+    GpuWindow.agent_id,
+    GpuWindow.sequence,
+    GpuWindow.gpu_index,
+    GpuWindow.gpu_uuid,
+    GpuWindow.start_unix_ns,
+    GpuWindow.end_unix_ns,
+    GpuWindow.verdict,
+    GpuWindow.confidence,
+    GpuWindow.model_version,
+    GpuWindow.features_json,
+)
+
+
+def window_row(row: Row[*tuple[Any, ...]]) -> WindowRow:
+    """A :class:`WindowRow` from a row of :data:`WINDOW_COLUMNS` plus the envelope's source."""
+    features = json.loads(row.features_json)
+    return WindowRow(
+        agent_id=row.agent_id,
+        sequence=row.sequence,
+        gpu_index=row.gpu_index,
+        gpu_uuid=row.gpu_uuid,
+        start_unix_ns=row.start_unix_ns,
+        end_unix_ns=row.end_unix_ns,
+        verdict=row.verdict,
+        confidence=row.confidence,
+        model_version=row.model_version,
+        source=row.source,
+        features={str(name): float(value) for name, value in features.items()},
+    )
+
+
+def current_keys(conn: Connection) -> dict[str, tuple[str, bool]]:
+    """Per agent: (key_id, revoked) of the newest unrevoked key, else of the newest key."""
+    query = select(Key.agent_id, Key.key_id, Key.revoked_at_unix_ns).order_by(
+        Key.agent_id, Key.created_unix_ns, Key.key_id
+    )
+    current: dict[str, tuple[str, bool]] = {}
+    for agent_id, key_id, revoked_at in conn.execute(query):
+        revoked = revoked_at is not None
+        held = current.get(agent_id)
+        # Rows come oldest first: a later key replaces the held one unless it is revoked
+        # and the held one is not.
+        if held is None or not revoked or held[1]:
+            current[agent_id] = (key_id, revoked)
+    return current
+
+
+def count_by_agent(conn: Connection, agent_column: InstrumentedAttribute[str]) -> dict[str, int]:
+    """Rows per agent in the table of ``agent_column`` (agents without rows are absent)."""
+    query = select(agent_column, func.count()).group_by(agent_column)
+    return dict(conn.execute(query).all())

@@ -1,0 +1,191 @@
+"""Tables of the verifier's evidence store, as SQLAlchemy ORM models.
+
+The models define the schema the migrations in ``server/migrations`` must build; a test
+compares the two. They never leave :mod:`server.store`: callers see the plain records of
+:mod:`server.records`. Times are integer nanoseconds since the Unix epoch, in columns
+named ``*_unix_ns``. Everything here is portable SQL (SQLite and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Double,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Named constraints keep migrations reproducible: PostgreSQL otherwise picks its own names
+# and SQLite's batch ALTER needs a name to find a constraint again.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+GAP_KINDS = ("declared", "observed")
+
+
+class Base(DeclarativeBase):
+    """Declarative base: 64-bit integers, binary bytes and unbounded strings by default.
+
+    Strings carry no length because PostgreSQL enforces lengths and SQLite does not; the
+    wire limits (:mod:`proto.limits`) already bound every string before it gets here.
+    """
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy's declared class attribute
+        int: BigInteger(),
+        bytes: LargeBinary(),
+        str: String(),
+        float: Double(),
+    }
+
+
+class EnrolToken(Base):
+    """A one-time enrolment token, stored by its SHA-256 only."""
+
+    __tablename__ = "enrol_tokens"
+
+    token_sha256: Mapped[bytes] = mapped_column(primary_key=True)
+    hostname: Mapped[str]  # "": any host may use it
+    expires_unix_ns: Mapped[int]
+    created_unix_ns: Mapped[int]
+    used_at_unix_ns: Mapped[int | None]
+    used_by_agent: Mapped[str | None]
+
+
+class Agent(Base):
+    """An enrolled agent (one per host) and where its evidence chain stands."""
+
+    __tablename__ = "agents"
+
+    agent_id: Mapped[str] = mapped_column(primary_key=True)
+    hostname: Mapped[str]
+    enrolled_unix_ns: Mapped[int]
+    acked_sequence: Mapped[int]
+    last_envelope_sha256: Mapped[bytes]
+    last_seen_unix_ns: Mapped[int]  # 0: never
+
+
+class Key(Base):
+    """An agent's Ed25519 public key; an agent may hold several while rotating."""
+
+    __tablename__ = "keys"
+
+    key_id: Mapped[str] = mapped_column(primary_key=True)
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.agent_id"), index=True)
+    public_key: Mapped[bytes]
+    created_unix_ns: Mapped[int]
+    revoked_at_unix_ns: Mapped[int | None]
+
+
+class Envelope(Base):
+    """An accepted envelope, byte-exact as received."""
+
+    __tablename__ = "envelopes"
+
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.agent_id"), primary_key=True)
+    sequence: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[bytes]
+    payload_type: Mapped[str]
+    envelope: Mapped[bytes]
+    received_unix_ns: Mapped[int]
+    window_start_unix_ns: Mapped[int]  # 0 for a gap notice
+    window_end_unix_ns: Mapped[int]
+    source: Mapped[str]
+    nonce: Mapped[bytes]  # b"": not a challenge answer
+
+
+class GpuWindow(Base):
+    """One GPU over one window, with the verifier's verdict on it."""
+
+    __tablename__ = "gpu_windows"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["agent_id", "sequence"], ["envelopes.agent_id", "envelopes.sequence"]
+        ),
+        # Time-range queries across the fleet, and per agent.
+        Index("ix_gpu_windows_start_unix_ns", "start_unix_ns"),
+        Index("ix_gpu_windows_agent_id_start_unix_ns", "agent_id", "start_unix_ns"),
+    )
+
+    agent_id: Mapped[str] = mapped_column(primary_key=True)
+    sequence: Mapped[int] = mapped_column(primary_key=True)
+    gpu_index: Mapped[int] = mapped_column(primary_key=True)
+    gpu_uuid: Mapped[str]
+    start_unix_ns: Mapped[int]
+    end_unix_ns: Mapped[int]
+    sample_count: Mapped[int]
+    verdict: Mapped[str]
+    confidence: Mapped[float]
+    model_version: Mapped[str]
+    features_json: Mapped[str] = mapped_column(Text())
+
+
+class Process(Base):
+    """A GPU process named in an envelope and the job the agent attributed it to.
+
+    Keyed by its position in the envelope's list, so whatever the agent reported (even the
+    same pid twice) is stored as it was signed.
+    """
+
+    __tablename__ = "processes"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["agent_id", "sequence"], ["envelopes.agent_id", "envelopes.sequence"]
+        ),
+    )
+
+    agent_id: Mapped[str] = mapped_column(primary_key=True)
+    sequence: Mapped[int] = mapped_column(primary_key=True)
+    process_index: Mapped[int] = mapped_column(primary_key=True)
+    gpu_index: Mapped[int]
+    pid: Mapped[int]
+    used_memory_mib: Mapped[int]
+    job_kind: Mapped[str]
+    job_id: Mapped[str]
+    trusted: Mapped[bool]
+
+
+class Gap(Base):
+    """A range of sequences missing from an agent's chain."""
+
+    __tablename__ = "gaps"
+    __table_args__ = (
+        UniqueConstraint("agent_id", "first_missing", "last_missing", "kind"),
+        CheckConstraint("kind IN ('declared', 'observed')", name="kind"),
+        CheckConstraint("first_missing <= last_missing", name="range"),
+    )
+
+    # SQLite only auto-increments an INTEGER PRIMARY KEY, not a BIGINT one.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.agent_id"))
+    first_missing: Mapped[int]
+    last_missing: Mapped[int]
+    kind: Mapped[str]
+    detected_unix_ns: Mapped[int]
+
+
+class Nonce(Base):
+    """A challenge nonce issued to one agent."""
+
+    __tablename__ = "nonces"
+
+    nonce: Mapped[bytes] = mapped_column(primary_key=True)
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.agent_id"), index=True)
+    expires_unix_ns: Mapped[int] = mapped_column(index=True)
+    used_at_unix_ns: Mapped[int | None]
