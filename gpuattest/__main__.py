@@ -1,0 +1,5 @@
+"""`python -m gpuattest` runs the command line."""
+
+from gpuattest.cli import main
+
+main()
