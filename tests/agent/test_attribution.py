@@ -504,9 +504,18 @@ def test_arbitrary_text_is_trusted_only_on_an_anchored_path(text: str) -> None:
     assert ANCHOR.fullmatch(components[0])
     assert ".." not in components
     assert attribution.job_id.replace("-", "_") in path.replace("-", "_")
-    manager = next((c for c in components if DELEGATED_USER_MANAGER.fullmatch(c)), None)
-    if manager is not None:
-        assert (attribution.job_kind, attribution.job_id) == (JobKind.SYSTEMD_UNIT, manager)
+    manager_at = next(
+        (i for i, c in enumerate(components) if DELEGATED_USER_MANAGER.fullmatch(c)), None
+    )
+    job_id = attribution.job_id.replace("-", "_")
+    job_at = next(i for i, c in enumerate(components) if job_id in c.replace("-", "_"))
+    # Below a user manager the user may create anything: the job can only be the manager
+    # itself, or a job named above it (a manager inside a pod's own subtree is the pod's).
+    if manager_at is not None and manager_at <= job_at:
+        assert (attribution.job_kind, attribution.job_id) == (
+            JobKind.SYSTEMD_UNIT,
+            components[manager_at],
+        )
 
 
 @settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
