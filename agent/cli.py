@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import click
+import grpc
 
 from agent.attribution import attribute_processes
 from agent.client import VerifierClient, open_channel
@@ -20,6 +21,7 @@ from agent.samples import GpuProcess
 from agent.settings import AgentSettings
 from agent.spool import Spool
 from gpuattest.settings import load_settings
+from proto.errors import GpuattestError
 from proto.evidence_pb2 import ProcessAttribution
 from proto.limits import WireLimits
 
@@ -27,6 +29,11 @@ log = logging.getLogger(__name__)
 SPOOL_FILE = "spool.sqlite"
 MIB = 1024 * 1024
 MAX_CLAIM_BYTES = WireLimits().max_string_bytes
+
+
+class EnrolmentError(GpuattestError):
+    """The verifier refused the enrolment, or could not be reached to ask."""
+
 
 config_option = click.option(
     "--config", type=click.Path(path_type=Path, dir_okay=False), help="TOML settings file"
@@ -66,9 +73,17 @@ def enroll_command(config: Path | None, token: str, **flags: object) -> None:
 
     async def _enroll() -> str:
         async with open_channel(settings) as channel:
-            identity = await enroll(
-                VerifierClient(channel), settings.state_dir, token, hostname, settings.verifier
-            )
+            try:
+                identity = await enroll(
+                    VerifierClient(channel), settings.state_dir, token, hostname, settings.verifier
+                )
+            except grpc.aio.AioRpcError as error:
+                # The status and the verifier's reason (e.g. enrol_token_used) are what the
+                # operator needs; a gRPC traceback is not.
+                raise EnrolmentError(
+                    f"enrolment with {settings.verifier} failed: "
+                    f"{error.code().name}: {error.details()}"
+                ) from error
         return identity.agent_id
 
     agent_id = asyncio.run(_enroll())

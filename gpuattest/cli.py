@@ -31,7 +31,7 @@ cli.add_command(demo)
 def main() -> None:
     """Console-script entry: our own errors become one clear line and exit status 1."""
     try:
-        cli(standalone_mode=False)
+        status = cli(standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as exc:
@@ -40,3 +40,6 @@ def main() -> None:
     except GpuattestError as exc:
         click.echo(f"gpuattest: {exc}", err=True)
         sys.exit(1)
+    # Without standalone mode click returns ctx.exit()'s code instead of exiting.
+    if isinstance(status, int) and status:
+        sys.exit(status)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import ClassVar, TypeVar, cast
 
 from pydantic import ValidationError
 from pydantic_settings import (
@@ -71,7 +71,8 @@ def load_settings(
     except ValueError as exc:  # a source that could not parse a value (e.g. from the env)
         raise SettingsError(str(exc)) from exc
     # Hand back the declared class, not the throw-away subclass.
-    return settings_cls.model_construct(**layered.model_dump())
+    # model_construct skips validation, which the layered instance has just done.
+    return cast(SettingsT, settings_cls.model_construct(**layered.model_dump()))
 
 
 def _require_table(toml_file: Path, table: str) -> None:

@@ -92,6 +92,8 @@ class AppraisalError(GpuattestError):
         self.detail = detail
         # An out-of-order arrival reveals missing sequences; the caller records them.
         self.observed_gap = observed_gap
+        # Set once the signature is verified: whose envelope it was ("" before that).
+        self.agent_id = ""
 
 
 @dataclass(frozen=True)
@@ -139,15 +141,20 @@ def appraise(
     """Appraise one serialized envelope. Raises AppraisalError on any failed check."""
     verified, key = _authenticate(envelope_bytes, context, policy)
     envelope_hash = dsse.envelope_sha256(envelope_bytes)
-    if verified.payload_type == dsse.GAP_NOTICE_PAYLOAD_TYPE:
-        notice = _parse(GapNotice, verified.payload)
-        return _appraise_gap_notice(
-            notice, key, envelope_bytes, envelope_hash, context, now_unix_ns
+    try:
+        if verified.payload_type == dsse.GAP_NOTICE_PAYLOAD_TYPE:
+            notice = _parse(GapNotice, verified.payload)
+            return _appraise_gap_notice(
+                notice, key, envelope_bytes, envelope_hash, context, now_unix_ns
+            )
+        evidence = _parse(Evidence, verified.payload)
+        return _appraise_evidence(
+            evidence, key, envelope_bytes, envelope_hash, context, classifier, policy, now_unix_ns
         )
-    evidence = _parse(Evidence, verified.payload)
-    return _appraise_evidence(
-        evidence, key, envelope_bytes, envelope_hash, context, classifier, policy, now_unix_ns
-    )
+    except AppraisalError as error:
+        # The signer is authenticated: it may learn where its own chain stands.
+        error.agent_id = key.agent_id
+        raise
 
 
 def _authenticate(

@@ -110,7 +110,7 @@ class AgentSummary:
     revoked: bool
     acked_sequence: int
     windows_stored: int
-    gaps: int
+    gaps: int  # declared losses plus out-of-order gaps not yet filled
     last_seen_unix_ns: int  # 0: never
 
 

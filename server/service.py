@@ -171,6 +171,7 @@ class Ingestor:
                 result = appraisal.appraise(envelope, context, self._classifier, self._policy, now)
             except AppraisalError as exc:
                 outcome.rejection = exc
+                outcome.agent_id = outcome.agent_id or exc.agent_id
                 break
             outcome.agent_id = (
                 result.record.agent_id

@@ -9,7 +9,7 @@ from sqlalchemy import Connection, Row, func, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from server.records import WindowRow
-from server.store.schema import GpuWindow, Key
+from server.store.schema import Agent, Gap, GpuWindow, Key
 
 # The columns of a WindowRow that gpu_windows holds; the source comes from its envelope.
 WINDOW_COLUMNS = (
@@ -63,4 +63,21 @@ def current_keys(conn: Connection) -> dict[str, tuple[str, bool]]:
 def count_by_agent(conn: Connection, agent_column: InstrumentedAttribute[str]) -> dict[str, int]:
     """Rows per agent in the table of ``agent_column`` (agents without rows are absent)."""
     query = select(agent_column, func.count()).group_by(agent_column)
+    return dict(conn.execute(query).all())
+
+
+def open_or_lost_gaps_by_agent(conn: Connection) -> dict[str, int]:
+    """Gaps per agent that still mean missing evidence.
+
+    A declared gap is evidence the agent lost for good. An observed gap (envelopes that
+    arrived out of order) is filled once the chain has advanced past it, since the chain
+    only advances through stored envelopes or a declared gap, so only those still ahead of
+    the acknowledged sequence count.
+    """
+    query = (
+        select(Gap.agent_id, func.count())
+        .join(Agent, Agent.agent_id == Gap.agent_id)
+        .where((Gap.kind == "declared") | (Gap.last_missing > Agent.acked_sequence))
+        .group_by(Gap.agent_id)
+    )
     return dict(conn.execute(query).all())

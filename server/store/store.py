@@ -35,8 +35,14 @@ from server.store.evidence import (
     store_fresh,
     touch,
 )
-from server.store.queries import WINDOW_COLUMNS, count_by_agent, current_keys, window_row
-from server.store.schema import Agent, EnrolToken, Envelope, Gap, GpuWindow, Key, Nonce
+from server.store.queries import (
+    WINDOW_COLUMNS,
+    count_by_agent,
+    current_keys,
+    open_or_lost_gaps_by_agent,
+    window_row,
+)
+from server.store.schema import Agent, EnrolToken, Envelope, GpuWindow, Key, Nonce
 
 _T = TypeVar("_T")
 # Two verifier replicas storing the same (agent, sequence) at once: the later transaction
@@ -257,7 +263,7 @@ class Store:
             agents = conn.execute(agents_query).all()
             keys = current_keys(conn)
             windows = count_by_agent(conn, GpuWindow.agent_id)
-            gaps = count_by_agent(conn, Gap.agent_id)
+            gaps = open_or_lost_gaps_by_agent(conn)
         return [
             AgentSummary(
                 agent_id=agent.agent_id,
