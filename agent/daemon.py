@@ -224,10 +224,9 @@ class AgentDaemon:
 
     async def _send_loop(self) -> None:
         while True:
-            self._attach_gap_notices()
-            items = self._spool.pending(self._remote_acked, self._options.batch_size)
-            if items:
-                await self._send([item.envelope_bytes for item in items])
+            envelopes = self._next_batch()
+            if envelopes:
+                await self._send(envelopes)
                 continue
             finished = self._options.exit_when_drained or self._stop.is_set()
             if finished and self._sampling_done.is_set() and self._drained():
@@ -239,6 +238,11 @@ class AgentDaemon:
     def _drained(self) -> bool:
         return self._remote_acked >= self._spool.next_sequence() - 1
 
+    def _next_batch(self) -> list[bytes]:
+        self._attach_gap_notices()  # first: pending() stops before a gap without its notice
+        items = self._spool.pending(self._remote_acked, self._options.batch_size)
+        return [item.envelope_bytes for item in items]
+
     async def _send(self, envelopes: list[bytes]) -> None:
         try:
             async for attempt in AsyncRetrying(
@@ -247,6 +251,11 @@ class AgentDaemon:
                 before_sleep=self._count_transient,
             ):
                 with attempt:
+                    # Re-read before each retry: in a long outage the spool may have dropped
+                    # this batch, and its gap notice must go instead. Delivering the dropped
+                    # envelopes would leave that notice unacceptable to the verifier forever.
+                    if attempt.retry_state.attempt_number > 1:
+                        envelopes = self._next_batch()
                     response = await self._client.submit(envelopes)
         except SubmitRejected as rejection:
             await self._handle_rejection(rejection)
@@ -267,9 +276,12 @@ class AgentDaemon:
     async def _handle_rejection(self, rejection: SubmitRejected) -> None:
         key = f"{rejection.code.name}:{rejection.reason}"
         self.stats.rejections[key] = self.stats.rejections.get(key, 0) + 1
+        # Resending at once helps only if the verifier moved our resume point; otherwise the
+        # spool cannot supply what it wants, and resending would spin on identical RPCs.
+        moved = rejection.acked_sequence not in (None, self._remote_acked)
         if rejection.acked_sequence is not None:
             self._acknowledge(rejection.acked_sequence)
-        if rejection.reason in ("sequence_gap", "sequence_conflict"):
+        if rejection.reason in ("sequence_gap", "sequence_conflict") and moved:
             log.warning("verifier wants another sequence (%s); resuming from its ack", rejection)
             return
         log.error(

@@ -26,7 +26,7 @@ def window() -> Window:
     """One full 10 s window of 8 synthetic GPUs sampled at 10 Hz."""
     recording = generate_training_trace(seed=1, gpus=8, seconds=25.0, interval_s=0.1)
     assembler = WindowAssembler(10.0)
-    return [w for tick in recording.ticks for w in assembler.add(tick)][0]
+    return next(w for tick in recording.ticks for w in assembler.add(tick))
 
 
 def test_features_for_8_gpu_window(
