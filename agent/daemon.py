@@ -114,16 +114,23 @@ class AgentDaemon:
         sender = asyncio.create_task(self._send_loop(), name="sender")
         challenger = asyncio.create_task(self._challenge_loop(), name="challenger")
         stop_waiter = asyncio.create_task(self._stop.wait(), name="stop")
+        # A dead sampler must not leave a daemon that looks alive but attests nothing.
+        sampler.add_done_callback(self._stop_if_crashed)
         try:
             await asyncio.wait({sender, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
             if self._stop.is_set():
                 await asyncio.wait({sampler, sender}, timeout=shutdown_grace_s)
-            if sender.done():
-                sender.result()  # surface a crash rather than exit quietly
+            for worker in (sampler, sender):
+                if worker.done():
+                    worker.result()  # surface a crash rather than exit quietly
         finally:
             for task in (sampler, challenger, sender, stop_waiter):
                 task.cancel()
             await asyncio.gather(sampler, challenger, sender, stop_waiter, return_exceptions=True)
+
+    def _stop_if_crashed(self, sampler: asyncio.Task[None]) -> None:
+        if not sampler.cancelled() and sampler.exception() is not None:
+            self._stop.set()
 
     # ---- sampling ----
 
