@@ -20,6 +20,10 @@ class NotEnrolledError(GpuattestError):
     """The agent has no identity yet: run `gpuattest agent enroll`."""
 
 
+class AlreadyEnrolledError(GpuattestError):
+    """The state folder already holds an identity; a new one would orphan its spool."""
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who the verifier knows this agent as."""
@@ -38,7 +42,15 @@ def default_hostname() -> str:
 async def enroll(
     client: VerifierClient, state_dir: Path, token: str, hostname: str, verifier: str
 ) -> Identity:
-    """Create a key (0600), enrol it with the one-time token, save the identity."""
+    """Create a key (0600), enrol it with the one-time token, save the identity.
+
+    Refuses a state folder that already has an identity: its spool holds evidence signed
+    by the old key and chained from the old sequence, which a new identity cannot send.
+    """
+    if (state_dir / IDENTITY_FILE).exists():
+        raise AlreadyEnrolledError(
+            f"{state_dir} already holds an enrolled identity; enrol into a new --state-dir"
+        )
     signer = Ed25519Signer.generate()
     response = await client.enroll(token, signer.public_key.raw, hostname)
     if response.key_id != signer.key_id:

@@ -190,8 +190,9 @@ class EvidenceIntakeServicer:
 
     def Submit(self, request, context):
         """Envelopes are appraised in order; those before the first rejected one are stored.
-        A rejection fails the call with a precise status; trailing metadata
-        "gpuattest-acked-sequence" carries the acknowledgement even then.
+        A rejection fails the call with a precise status and trailing metadata
+        "gpuattest-reason"; "gpuattest-acked-sequence" carries the acknowledgement whenever
+        the verifier knows whose chain it is (an envelope's signature verified).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -77,8 +77,9 @@ class EvidenceIntakeStub:
     def __new__(cls, channel: _aio.Channel) -> EvidenceIntakeAsyncStub: ...
     Submit: _grpc.UnaryUnaryMultiCallable[_verifier_pb2.SubmitRequest, _verifier_pb2.SubmitResponse]
     """Envelopes are appraised in order; those before the first rejected one are stored.
-    A rejection fails the call with a precise status; trailing metadata
-    "gpuattest-acked-sequence" carries the acknowledgement even then.
+    A rejection fails the call with a precise status and trailing metadata
+    "gpuattest-reason"; "gpuattest-acked-sequence" carries the acknowledgement whenever
+    the verifier knows whose chain it is (an envelope's signature verified).
     """
 
 @_typing.type_check_only
@@ -86,8 +87,9 @@ class EvidenceIntakeAsyncStub(EvidenceIntakeStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Submit: _aio.UnaryUnaryMultiCallable[_verifier_pb2.SubmitRequest, _verifier_pb2.SubmitResponse]  # type: ignore[assignment]
     """Envelopes are appraised in order; those before the first rejected one are stored.
-    A rejection fails the call with a precise status; trailing metadata
-    "gpuattest-acked-sequence" carries the acknowledgement even then.
+    A rejection fails the call with a precise status and trailing metadata
+    "gpuattest-reason"; "gpuattest-acked-sequence" carries the acknowledgement whenever
+    the verifier knows whose chain it is (an envelope's signature verified).
     """
 
 class EvidenceIntakeServicer(metaclass=_abc_1.ABCMeta):
@@ -98,8 +100,9 @@ class EvidenceIntakeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_verifier_pb2.SubmitResponse, _abc.Awaitable[_verifier_pb2.SubmitResponse]]:
         """Envelopes are appraised in order; those before the first rejected one are stored.
-        A rejection fails the call with a precise status; trailing metadata
-        "gpuattest-acked-sequence" carries the acknowledgement even then.
+        A rejection fails the call with a precise status and trailing metadata
+        "gpuattest-reason"; "gpuattest-acked-sequence" carries the acknowledgement whenever
+        the verifier knows whose chain it is (an envelope's signature verified).
         """
 
 def add_EvidenceIntakeServicer_to_server(servicer: EvidenceIntakeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -47,11 +47,25 @@ class RunningVerifier:
     port: int
     counters: IngestCounters
     health: health.aio.HealthServicer
+    housekeeping: asyncio.Task[None]
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Report NOT_SERVING, then stop accepting calls and finish those under way."""
+        self.housekeeping.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+
+
+async def purge_expired_nonces(store: Store, clock: Clock, interval_s: float) -> None:
+    """Delete expired challenge nonces now and then, so unanswered challenges do not pile up."""
+    while True:
+        try:
+            removed = await asyncio.to_thread(store.purge_expired_nonces, clock())
+            if removed:
+                log.info("purged %d expired nonces", removed)
+        except Exception:
+            log.exception("purging expired nonces failed; will try again")
+        await asyncio.sleep(interval_s)
 
 
 def server_credentials(settings: VerifierSettings) -> grpc.ServerCredentials | None:
@@ -114,7 +128,10 @@ async def start_verifier(
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("verifier listening on port %d (%s)", port, "TLS" if credentials else "plaintext")
-    return RunningVerifier(server, port, counters, health_servicer)
+    housekeeping = asyncio.create_task(
+        purge_expired_nonces(store, clock, settings.nonce_ttl_s), name="purge-nonces"
+    )
+    return RunningVerifier(server, port, counters, health_servicer, housekeeping)
 
 
 async def serve_forever(settings: VerifierSettings, store: Store) -> None:
