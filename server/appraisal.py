@@ -282,18 +282,27 @@ def _appraise_gap_notice(
             "gap_range",
             f"gap {notice.first_missing}..{notice.last_missing} is empty",
         )
-    duplicate = _check_sequence(
-        notice.agent_id,
-        notice.last_missing,
-        envelope_hash,
-        state,
-        context,
-        now_unix_ns,
-        expected_first=notice.first_missing,
-    )
-    if duplicate:
-        return duplicate
-    _check_chain(notice.previous_envelope_sha256, state)
+    expected = state.acked_sequence + 1
+    if notice.first_missing < expected <= notice.last_missing:
+        # Envelopes the spool dropped while they were already in flight can still have
+        # been stored: the notice then overlaps the acknowledged range. Only the rest is
+        # lost, and the notice must chain from what the verifier holds before it.
+        first_lost = expected
+        _check_previous_stored(notice, context)
+    else:
+        duplicate = _check_sequence(
+            notice.agent_id,
+            notice.last_missing,
+            envelope_hash,
+            state,
+            context,
+            now_unix_ns,
+            expected_first=notice.first_missing,
+        )
+        if duplicate:
+            return duplicate
+        first_lost = notice.first_missing
+        _check_chain(notice.previous_envelope_sha256, state)
     if len(notice.last_missing_envelope_sha256) != len(dsse.GENESIS_HASH):
         raise AppraisalError(INVALID_ARGUMENT, "gap_hash", "last_missing_envelope_sha256 size")
     return Accepted(
@@ -309,9 +318,20 @@ def _appraise_gap_notice(
             window_end_unix_ns=0,
             source="gap-notice",
             nonce=b"",
-            declared_gap=(notice.first_missing, notice.last_missing),
+            declared_gap=(first_lost, notice.last_missing),
         )
     )
+
+
+def _check_previous_stored(notice: GapNotice, context: AppraisalContext) -> None:
+    before = notice.first_missing - 1
+    stored = context.stored_sha256(notice.agent_id, before) if before else dsse.GENESIS_HASH
+    if stored != notice.previous_envelope_sha256:
+        raise AppraisalError(
+            FAILED_PRECONDITION,
+            "chain_mismatch",
+            f"gap notice does not chain from the envelope stored at {before}",
+        )
 
 
 def _appraise_evidence(

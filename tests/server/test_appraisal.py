@@ -247,3 +247,40 @@ def test_revoked_key_is_denied() -> None:
 def test_arbitrary_bytes_never_crash_appraisal(data: bytes) -> None:
     with pytest.raises(AppraisalError):
         enrolled().feed(data)
+
+
+def _notice(first: int, last: int, previous: bytes, lost_hash: bytes) -> bytes:
+    notice = GapNotice(
+        agent_id=AGENT,
+        key_id=SIGNER.key_id,
+        first_missing=first,
+        last_missing=last,
+        previous_envelope_sha256=previous,
+        last_missing_envelope_sha256=lost_hash,
+    )
+    return sign(notice, dsse.GAP_NOTICE_PAYLOAD_TYPE)
+
+
+def test_gap_notice_overlapping_delivered_envelopes_declares_only_the_rest() -> None:
+    """The agent dropped 2..4 while 2 was in flight and got stored after all."""
+    context = enrolled()
+    first = sign(evidence(1, dsse.GENESIS_HASH))
+    second = sign(evidence(2, dsse.envelope_sha256(first)))
+    context.feed(first)
+    context.feed(second)
+    lost_hash = bytes(range(32))
+    result = context.feed(_notice(2, 4, dsse.envelope_sha256(first), lost_hash))
+    assert isinstance(result, appraisal.Accepted)
+    assert result.record.declared_gap == (3, 4)
+    assert isinstance(context.feed(sign(evidence(5, lost_hash))), appraisal.Accepted)
+
+
+def test_overlapping_gap_notice_must_chain_from_what_is_stored() -> None:
+    context = enrolled()
+    first = sign(evidence(1, dsse.GENESIS_HASH))
+    context.feed(first)
+    context.feed(sign(evidence(2, dsse.envelope_sha256(first))))
+    assert _reason(context, _notice(2, 4, bytes([5]) * 32, bytes(32))) == (
+        "FAILED_PRECONDITION",
+        "chain_mismatch",
+    )
