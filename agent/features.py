@@ -15,12 +15,14 @@ import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.samples import GpuDescription
+from agent.skus import sku_for
 from agent.windows import GpuSeries, Window
 from proto.errors import GpuattestError
 
@@ -505,3 +507,179 @@ def _mean_pairwise_correlation(readings: FloatArray) -> FloatArray:
     total = np.where(usable, np.clip(corr, -1.0, 1.0), 0.0).sum(axis=1)
     mean: FloatArray = np.where(pair_count > 0, total / np.maximum(pair_count, 1), math.nan)
     return mean
+
+
+# --- features on a common time grid -----------------------------------------------------------
+#
+# Loggers sample at 100 ms, 250 ms or 1 s, and some drivers report power as a 1 s average
+# while others report it instantaneously. Neither may become the signal (DESIGN.md section 5),
+# so the features below read every GPU on one grid: a point every GRID_STEP_S seconds of the
+# window, holding the last utilization reading (zero-order hold, as a slower logger would
+# have seen it) and the mean power over the trailing second (what the averaging drivers
+# report anyway). Subsampling a 100 ms log to 250 ms leaves these features nearly unchanged.
+
+GRID_STEP_S = 0.5
+_POWER_SMOOTHING_S = 1.0
+# A reading older than this no longer stands for the grid instant (a logger stall).
+_MAX_HOLD_S = 1.0
+# Fewer grid points than this (2 s of a window) carry no shape worth describing.
+_MIN_GRID_POINTS = 4
+# nvidia-smi prints whole percent: a queue that never drains reads 99-100 %.
+_SATURATED_UTIL_PCT = 98.0
+_RHYTHM_MIN_PERIOD_S = 1.0
+_RHYTHM_MAX_PERIOD_S = 5.0
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Readings at the grid instants; NaN where the window holds no reading for an instant."""
+
+    util_pct: FloatArray
+    power_w: FloatArray
+
+
+def _grid_times(duration_s: float) -> FloatArray:
+    """Grid instants step, 2 step, ... up to the window's end (20 points in a 10 s window)."""
+    count = math.floor(duration_s / GRID_STEP_S + 1e-9)
+    return GRID_STEP_S * np.arange(1, count + 1, dtype=np.float64)
+
+
+def _held(t: FloatArray, v: FloatArray, grid: FloatArray) -> FloatArray:
+    """The last reading at or before each grid instant, if not older than _MAX_HOLD_S."""
+    latest = np.searchsorted(t, grid, side="right") - 1
+    held = np.full(grid.size, math.nan)
+    found = latest >= 0
+    fresh = found.copy()
+    fresh[found] = grid[found] - t[latest[found]] <= _MAX_HOLD_S
+    held[fresh] = v[latest[fresh]]
+    return held
+
+
+def _trailing_mean(t: FloatArray, v: FloatArray, grid: FloatArray) -> FloatArray:
+    """Mean of the readings in (g - _POWER_SMOOTHING_S, g] for each grid instant g."""
+    sums = np.concatenate(([0.0], np.cumsum(v)))
+    first = np.searchsorted(t, grid - _POWER_SMOOTHING_S, side="right")
+    last = np.searchsorted(t, grid, side="right")
+    count = last - first
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean: FloatArray = np.where(count > 0, (sums[last] - sums[first]) / count, math.nan)
+    return mean
+
+
+@functools.lru_cache(maxsize=4)
+def _common_grid(series: GpuSeries) -> _Grid:
+    grid = _grid_times(series.duration_s)
+    util_t, util = _valid(series, "util_gpu_pct")
+    power_t, power = _power(series)
+    return _Grid(util_pct=_held(util_t, util, grid), power_w=_trailing_mean(power_t, power, grid))
+
+
+def _grid_values(values: FloatArray) -> FloatArray | None:
+    present = values[np.isfinite(values)]
+    return present if present.size >= _MIN_GRID_POINTS else None
+
+
+@register_feature("util_saturated_frac")
+def _util_saturated_frac(series: GpuSeries, gpu: GpuDescription) -> float | None:
+    """Share of the window the kernel queue never drained (utilization pinned at ~100 %)."""
+    util = _grid_values(_common_grid(series).util_pct)
+    return (
+        None if util is None else float(np.count_nonzero(util >= _SATURATED_UTIL_PCT)) / util.size
+    )
+
+
+@register_feature("util_active_mean_pct")
+def _util_active_mean_pct(series: GpuSeries, gpu: GpuDescription) -> float | None:
+    """Mean utilization over the grid instants when the GPU was not idle."""
+    util = _grid_values(_common_grid(series).util_pct)
+    if util is None:
+        return None
+    active = util[util > _IDLE_UTIL_PCT]
+    return float(active.mean()) if active.size else None
+
+
+@register_feature("power_rel_spread_frac")
+def _power_rel_spread_frac(series: GpuSeries, gpu: GpuDescription) -> float | None:
+    """(p95 - p5) / p95 of the smoothed power: how far the draw swings within the window."""
+    power = _grid_values(_common_grid(series).power_w)
+    if power is None:
+        return None
+    high = _quantile(power, 0.95)
+    return None if high <= 0 else (high - _quantile(power, 0.05)) / high
+
+
+@register_feature("power_rel_rough_frac")
+def _power_rel_rough_frac(series: GpuSeries, gpu: GpuDescription) -> float | None:
+    """Mean change of the smoothed power between adjacent grid instants, over its mean."""
+    power = _common_grid(series).power_w
+    steps = np.abs(np.diff(power))
+    steps = steps[np.isfinite(steps)]
+    present = power[np.isfinite(power)]
+    if steps.size < _MIN_GRID_POINTS - 1 or present.size == 0 or present.mean() <= 0:
+        return None
+    return min(1.0, float(steps.mean() / present.mean()))
+
+
+@register_feature("power_rel_peak_frac")
+def _power_rel_peak_frac(series: GpuSeries, gpu: GpuDescription) -> float | None:
+    """(max - median) / max of the smoothed power: how much short peaks stand out."""
+    power = _grid_values(_common_grid(series).power_w)
+    if power is None:
+        return None
+    peak = float(power.max())
+    return None if peak <= 0 else (peak - _quantile(power, 0.5)) / peak
+
+
+@register_feature("power_tdp_frac")
+def _power_tdp_frac(series: GpuSeries, gpu: GpuDescription) -> float | None:
+    """Median smoothed power over the SKU's TDP (capped at 1); None for an unknown SKU."""
+    sku = sku_for(gpu.name, gpu.memory_total_mib)
+    power = _grid_values(_common_grid(series).power_w)
+    if sku is None or power is None:
+        return None
+    return min(1.0, _quantile(power, 0.5) / sku.tdp_w)
+
+
+@register_feature("power_rhythm_periodicity")
+def _power_rhythm_periodicity(series: GpuSeries, gpu: GpuDescription) -> float | None:
+    """Height (0..1) of the strongest autocorrelation peak of the smoothed power, 1-5 s lags."""
+    power = _common_grid(series).power_w
+    if np.count_nonzero(np.isfinite(power)) < _MIN_PERIODICITY_SAMPLES:
+        return None
+    present = np.isfinite(power)
+    # Interior gaps are bridged linearly; a stall longer than the window leaves few points.
+    filled = np.interp(np.arange(power.size), np.flatnonzero(present), power[present])
+    residual = _detrended(filled)
+    level = max(1.0, float(np.abs(filled).mean()))
+    if float(np.sqrt(np.mean(residual * residual))) <= _FLAT_RELATIVE_RMS * level:
+        return 0.0
+    lag_min = round(_RHYTHM_MIN_PERIOD_S / GRID_STEP_S)
+    lag_max = min(round(_RHYTHM_MAX_PERIOD_S / GRID_STEP_S), filled.size // 2)
+    if lag_max <= lag_min:
+        return None
+    acf = _autocorrelation(residual)
+    _, height = _strongest_peak(acf, lag_min, lag_max, GRID_STEP_S, _RHYTHM_MAX_PERIOD_S)
+    return height
+
+
+# Spin-waiting: a kernel resident all the time while the board draws little more than idle.
+_BUSY_COLD_UTIL_PCT = 90.0
+_BUSY_COLD_TDP_FRAC = 0.35
+
+
+@register_feature("util_busy_cold_frac")
+def _util_busy_cold_frac(series: GpuSeries, gpu: GpuDescription) -> float | None:
+    """Share of the window with utilization >= 90 % but power <= 35 % of the SKU's TDP.
+
+    A GPU reads busy whenever any kernel is resident, even one that only polls a flag: a
+    collective waiting for a slower peer (gradient sync, a checkpoint barrier) looks like
+    this. None for an unknown SKU.
+    """
+    sku = sku_for(gpu.name, gpu.memory_total_mib)
+    grid = _common_grid(series)
+    both = np.isfinite(grid.util_pct) & np.isfinite(grid.power_w)
+    if sku is None or np.count_nonzero(both) < _MIN_GRID_POINTS:
+        return None
+    busy = grid.util_pct[both] >= _BUSY_COLD_UTIL_PCT
+    cold = grid.power_w[both] <= _BUSY_COLD_TDP_FRAC * sku.tdp_w
+    return float(np.count_nonzero(busy & cold)) / float(np.count_nonzero(both))

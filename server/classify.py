@@ -1,16 +1,20 @@
 """The classification hook the verifier calls for every appraised GPU window.
 
-Until the trained classifier lands (issue 3) the verifier uses :class:`ProvisionalRule`, a
-hand-written threshold rule whose model version says so, and whose confidence is capped
+The verifier uses the fitted model shipped with the package (:mod:`server.classifier`, a
+JSON document read without pickle) when it is installed; otherwise :class:`ProvisionalRule`,
+a hand-written threshold rule whose model version says so, and whose confidence is capped
 so nobody mistakes its verdicts for the real model's.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Protocol
 
 VERDICTS = ("training", "inference", "idle")
+
+log = logging.getLogger(__name__)
 
 
 class Classifier(Protocol):
@@ -54,3 +58,16 @@ class ProvisionalRule:
         # Further past the threshold means more confident, up to the cap.
         margin = (value - threshold) / max(1.0 - threshold, 1e-9)
         return round(min(self.max_confidence, 0.5 + 0.25 * max(0.0, min(1.0, margin))), 4)
+
+
+def default_classifier() -> Classifier:
+    """The packaged fitted model, or the provisional rule when the model is not installed."""
+    from server.classifier.model import ModelFormatError, load_packaged_model
+
+    try:
+        return load_packaged_model()
+    except ModelFormatError as exc:
+        log.warning(
+            "fitted classifier unavailable (%s); using %s", exc, ProvisionalRule.model_version
+        )
+        return ProvisionalRule()

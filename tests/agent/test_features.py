@@ -50,6 +50,19 @@ INITIAL_FEATURES = {
     "tensor_active_mean_pct",
     "dram_bw_mean_pct",
 }
+# Issue 3: features on the common 0.5 s grid (names stable from here on).
+GRID_FEATURES = {
+    "util_saturated_frac",
+    "util_active_mean_pct",
+    "util_busy_cold_frac",
+    "power_rel_spread_frac",
+    "power_rel_rough_frac",
+    "power_rel_peak_frac",
+    "power_tdp_frac",
+    "power_rhythm_periodicity",
+}
+ALL_FEATURES = INITIAL_FEATURES | GRID_FEATURES
+H100 = GpuDescription(index=0, name="NVIDIA H100 80GB HBM3", power_limit_w=700.0)
 
 
 def ten_hz(seconds: float = 10.0) -> np.ndarray:
@@ -70,8 +83,8 @@ def series_of(t: np.ndarray, duration_s: float = 10.0, **fields: object) -> GpuS
 # --- registry and compute_features ----------------------------------------------------------
 
 
-def test_registry_holds_the_initial_feature_set() -> None:
-    assert set(FEATURES) == INITIAL_FEATURES
+def test_registry_holds_the_initial_and_grid_feature_sets() -> None:
+    assert set(FEATURES) == ALL_FEATURES
 
 
 def test_a_full_series_yields_every_feature_sorted_and_finite() -> None:
@@ -88,9 +101,9 @@ def test_a_full_series_yields_every_feature_sorted_and_finite() -> None:
         tensor_active_pct=55.0,
         dram_bw_pct=30.0,
     )
-    result = compute_features(series, GpuDescription(index=0, power_limit_w=700.0))
+    result = compute_features(series, H100)
 
-    assert set(result) == INITIAL_FEATURES
+    assert set(result) == ALL_FEATURES
     assert list(result) == sorted(result)
     assert all(math.isfinite(v) for v in result.values())
 
@@ -493,3 +506,129 @@ def test_window_features_merges_per_gpu_and_host_features_for_every_gpu() -> Non
     assert result[2] == {"sample_count": 0.0}
     assert result[4]["power_lockstep_corr"] == pytest.approx(1.0)
     assert all(list(r) == sorted(r) for r in result.values())
+
+
+# --- features on the common grid (known answers) -------------------------------------------------
+
+
+def grid_result(t: np.ndarray, gpu: GpuDescription = H100, **fields: object) -> dict[str, float]:
+    """compute_features of a 10 s window with the given columns."""
+    return compute_features(series_of(t, 10.0, **fields), gpu)
+
+
+@pytest.mark.parametrize(
+    ("util", "expected"),
+    [(100.0, 1.0), (98.0, 1.0), (97.0, 0.0), (0.0, 0.0)],
+    ids=["pinned", "98-counts", "97-does-not", "idle"],
+)
+def test_saturated_fraction_of_a_constant_utilization(util: float, expected: float) -> None:
+    assert grid_result(ten_hz(), util_gpu_pct=util)["util_saturated_frac"] == expected
+
+
+def test_saturated_fraction_of_a_half_pinned_window_is_a_half() -> None:
+    t = ten_hz()
+    result = grid_result(t, util_gpu_pct=np.where(t < 5.0, 100.0, 60.0))
+    assert result["util_saturated_frac"] == pytest.approx(0.5, abs=0.05)
+    assert result["util_active_mean_pct"] == pytest.approx(80.0, abs=2.0)
+
+
+def test_active_mean_ignores_idle_moments_and_is_absent_when_all_idle() -> None:
+    t = ten_hz()
+    assert grid_result(t, util_gpu_pct=np.where(t < 5.0, 0.0, 90.0))["util_active_mean_pct"] == 90.0
+    assert "util_active_mean_pct" not in grid_result(t, util_gpu_pct=0.0)
+
+
+def test_a_square_wave_has_the_spread_and_peak_of_its_levels() -> None:
+    t = ten_hz()
+    # 4 s low, 6 s high: the 1 s smoothing only blurs the single edge.
+    result = grid_result(t, power_w=np.where(t < 4.0, 100.0, 300.0))
+    assert result["power_rel_spread_frac"] == pytest.approx(200.0 / 300.0, abs=0.01)
+    assert result["power_rel_peak_frac"] == pytest.approx(0.0, abs=1e-9)  # median = max
+
+
+def test_a_flat_window_has_no_spread_roughness_or_rhythm() -> None:
+    result = grid_result(ten_hz(), power_w=250.0, util_gpu_pct=100.0)
+    assert result["power_rel_spread_frac"] == 0.0
+    assert result["power_rel_rough_frac"] == 0.0
+    assert result["power_rhythm_periodicity"] == 0.0
+
+
+def test_one_short_peak_stands_out_of_a_flat_window() -> None:
+    t = ten_hz()
+    power = np.where((t >= 5.0) & (t < 5.5), 500.0, 250.0)  # half a second at twice the level
+    result = grid_result(t, power_w=power)
+    # Smoothed over 1 s the peak reaches (250 + 500) / 2 = 375 W.
+    assert result["power_rel_peak_frac"] == pytest.approx((375.0 - 250.0) / 375.0, abs=0.02)
+
+
+def test_alternating_levels_every_grid_step_are_maximally_rough() -> None:
+    t = ten_hz()
+    power = np.where(np.floor(t).astype(int) % 2 == 0, 100.0, 300.0)  # 1 s on, 1 s off
+    assert grid_result(t, power_w=power)["power_rel_rough_frac"] > 0.3
+
+
+def test_a_2_s_rhythm_is_periodic_and_noise_is_not() -> None:
+    t = ten_hz()
+    rhythm = grid_result(t, power_w=400.0 + 100.0 * np.sin(2 * np.pi * t / 2.0))
+    noise = grid_result(t, power_w=np.random.default_rng(3).normal(400.0, 50.0, t.size))
+    assert rhythm["power_rhythm_periodicity"] > 0.5
+    assert noise["power_rhythm_periodicity"] < rhythm["power_rhythm_periodicity"]
+
+
+def test_power_as_a_fraction_of_tdp_needs_a_known_sku_and_is_capped_at_one() -> None:
+    t = ten_hz()
+    assert grid_result(t, power_w=350.0)["power_tdp_frac"] == pytest.approx(0.5)
+    assert grid_result(t, power_w=900.0)["power_tdp_frac"] == 1.0
+    assert "power_tdp_frac" not in grid_result(t, GPU, power_w=350.0)
+
+
+@pytest.mark.parametrize(
+    ("util", "power", "expected"),
+    [(100.0, 150.0, 1.0), (100.0, 500.0, 0.0), (20.0, 150.0, 0.0)],
+    ids=["spinning", "working", "idle-ish"],
+)
+def test_busy_but_cold_is_high_utilization_at_low_power(
+    util: float, power: float, expected: float
+) -> None:
+    result = grid_result(ten_hz(), util_gpu_pct=util, power_w=power)
+    assert result["util_busy_cold_frac"] == expected
+
+
+def test_busy_cold_needs_a_known_sku() -> None:
+    assert "util_busy_cold_frac" not in grid_result(ten_hz(), GPU, util_gpu_pct=100.0, power_w=1.0)
+
+
+def test_a_stall_longer_than_the_hold_leaves_grid_points_empty() -> None:
+    t = np.concatenate([np.arange(0.0, 3.0, 0.1), np.arange(8.0, 10.0, 0.1)])
+    result = grid_result(t, util_gpu_pct=100.0)
+    # Points 3.5 .. 7.5 s hold nothing (last reading at 2.9 s is > 1 s old); the rest is pinned.
+    assert result["util_saturated_frac"] == 1.0
+
+
+def test_grid_features_need_a_few_grid_points() -> None:
+    t = np.arange(0.0, 1.0, 0.1)  # one second of samples: two grid points
+    result = grid_result(t, util_gpu_pct=100.0, power_w=300.0)
+    assert not GRID_FEATURES & set(result)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    level=st.floats(100.0, 600.0),
+    swing=st.floats(0.0, 300.0),
+)
+def test_subsampling_10_hz_to_4_hz_barely_moves_the_grid_features(
+    seed: int, level: float, swing: float
+) -> None:
+    """The sampling interval must not become the signal (DESIGN.md section 5)."""
+    rng = np.random.default_rng(seed)
+    t = ten_hz()
+    # A smooth, NVML-like signal: 1 s averaged power, utilization updated every ~0.17 s.
+    raw = level + swing * rng.random(t.size)
+    power = np.convolve(raw, np.ones(10) / 10, mode="same")
+    util = np.repeat(rng.choice([0.0, 60.0, 95.0, 100.0], size=t.size // 2 + 1), 2)[: t.size]
+    full = grid_result(t, power_w=power, util_gpu_pct=util)
+    keep = np.unique(np.floor(t / 0.25 + 1e-9), return_index=True)[1]
+    slow = grid_result(t[keep], power_w=power[keep], util_gpu_pct=util[keep])
+    for name in ("util_saturated_frac", "power_rel_spread_frac", "power_tdp_frac"):
+        assert slow[name] == pytest.approx(full[name], abs=0.2), name
