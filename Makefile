@@ -35,5 +35,6 @@ proto: $(STAMP)
 clean:
 	rm -rf $(VENV) demo-output .mypy_cache .ruff_cache .pytest_cache
 
+# The benchmark suite against its targets; BENCH_ARGS="--quick --json bench.json" etc.
 bench: $(STAMP)
-	$(BIN)/pytest benchmarks --benchmark-enable -q
+	$(BIN)/gpuattest bench $(BENCH_ARGS)

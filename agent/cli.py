@@ -17,6 +17,7 @@ from agent.client import VerifierClient, open_channel
 from agent.collectors import open_collector
 from agent.daemon import AgentDaemon, DaemonOptions
 from agent.identity import default_hostname, enroll, load_identity
+from agent.probes.scheduler import build_prober
 from agent.samples import GpuProcess
 from agent.settings import AgentSettings
 from agent.spool import Spool
@@ -140,6 +141,7 @@ async def run_agent(settings: AgentSettings) -> AgentDaemon:
                 identity=identity,
                 signer=signer,
                 collector=collector,
+                prober=build_prober(settings, collector.source),
                 spool=spool,
                 client=VerifierClient(channel),
                 attribute=attribute,

@@ -1,12 +1,14 @@
 """The agent daemon: sample -> windows -> features -> signed evidence -> spool -> verifier.
 
-Three cooperating tasks on one event loop:
+Cooperating tasks on one event loop:
 
 * the sampler reads ticks from the collector (NVML on a worker thread, or a replay),
   cuts windows, signs one envelope per window and appends it to the durable spool;
 * the sender ships spooled envelopes in order, resuming from the verifier's
   acknowledgement, and backs off while the verifier is unreachable;
-* the challenger fetches a fresh nonce now and then, bound into the next evidence.
+* the challenger fetches a fresh nonce now and then, bound into the next evidence;
+* the prober (when probes are on) runs probe rounds in a short-lived worker process under
+  a duty-cycle budget; its results ride in the next window's evidence and features.
 
 Nothing is acknowledged to anyone by the agent: evidence is safe once it is in the spool.
 """
@@ -28,6 +30,7 @@ from agent.client import TRANSIENT_CODES, SubmitRejected, VerifierClient
 from agent.evidence import GpuFeatures, WindowClaims, build_evidence, sign_evidence, sign_gap_notice
 from agent.features import window_features
 from agent.identity import Identity
+from agent.probes.scheduler import ProbeBatch, ProbeScheduler
 from agent.samples import Collector, GpuDescription, GpuProcess, HostDescription, Tick
 from agent.spool import Spool
 from agent.windows import Window, WindowAssembler, raw_samples_bytes
@@ -82,6 +85,7 @@ class AgentDaemon:
         attribute: Attributor,
         options: DaemonOptions,
         clock: WallClock = time.time,
+        prober: ProbeScheduler | None = None,
     ) -> None:
         self._identity = identity
         self._signer = signer
@@ -99,6 +103,9 @@ class AgentDaemon:
         self._processes_read_at = -math.inf
         self._nonce: tuple[bytes, float] | None = None  # (nonce, expiry in wall seconds)
         self._remote_acked = spool.acked_sequence()
+        self._prober = prober
+        self._host: HostDescription | None = None
+        self._host_known = asyncio.Event()
 
     def stop(self) -> None:
         """Ask the daemon to seal what it has, deliver what it can briefly, and return."""
@@ -114,6 +121,7 @@ class AgentDaemon:
         sender = asyncio.create_task(self._send_loop(), name="sender")
         challenger = asyncio.create_task(self._challenge_loop(), name="challenger")
         stop_waiter = asyncio.create_task(self._stop.wait(), name="stop")
+        prober = asyncio.create_task(self._probe_loop(), name="prober")
         # A dead sampler must not leave a daemon that looks alive but attests nothing.
         sampler.add_done_callback(self._stop_if_crashed)
         try:
@@ -124,9 +132,11 @@ class AgentDaemon:
                 if worker.done():
                     worker.result()  # surface a crash rather than exit quietly
         finally:
-            for task in (sampler, challenger, sender, stop_waiter):
+            for task in (sampler, challenger, prober, sender, stop_waiter):
                 task.cancel()
-            await asyncio.gather(sampler, challenger, sender, stop_waiter, return_exceptions=True)
+            await asyncio.gather(
+                sampler, challenger, prober, sender, stop_waiter, return_exceptions=True
+            )
 
     def _stop_if_crashed(self, sampler: asyncio.Task[None]) -> None:
         if not sampler.cancelled() and sampler.exception() is not None:
@@ -136,6 +146,8 @@ class AgentDaemon:
 
     async def _sample_loop(self) -> None:
         host = await asyncio.to_thread(self._collector.describe_host)
+        self._host = host
+        self._host_known.set()
         gpus = {gpu.index: gpu for gpu in host.gpus}
         assembler = WindowAssembler(self._options.window_s)
         previous: Tick | None = None
@@ -150,6 +162,8 @@ class AgentDaemon:
                     break
                 await asyncio.sleep(self._replay_delay(previous, tick))
                 await self._refresh_processes(tick.t_unix_s)
+                if self._prober is not None:
+                    self._prober.observe(tick)
                 for window in assembler.add(tick):
                     self._seal(window, host, gpus)
                 previous = tick
@@ -180,14 +194,16 @@ class AgentDaemon:
         self._processes = self._attribute(processes)
 
     def _seal(self, window: Window, host: HostDescription, gpus: dict[int, GpuDescription]) -> None:
+        probes = self._prober.take() if self._prober is not None else ProbeBatch()
         claims = WindowClaims(
             start_unix_s=window.start_unix_s,
             end_unix_s=window.end_unix_s,
             host=host,
-            gpus=_gpu_features(window, host, gpus),
+            gpus=_gpu_features(window, host, gpus, probes),
             raw_samples=raw_samples_bytes(window),
             source=self._collector.source,
             processes=self._processes[: self._options.limits.max_processes],
+            probes=probes.results[: self._options.limits.max_probes],
             nonce=self._take_nonce(),
         )
         sequence = self._spool.next_sequence()
@@ -212,6 +228,15 @@ class AgentDaemon:
         nonce, expires_s = self._nonce
         self._nonce = None
         return nonce if expires_s - self._clock() > self._options.window_s else b""
+
+    # ---- probes ----
+
+    async def _probe_loop(self) -> None:
+        if self._prober is None:
+            return
+        await self._host_known.wait()
+        assert self._host is not None
+        await self._prober.run(self._host)
 
     # ---- challenges ----
 
@@ -315,10 +340,14 @@ class AgentDaemon:
 
 
 def _gpu_features(
-    window: Window, host: HostDescription, gpus: dict[int, GpuDescription]
+    window: Window, host: HostDescription, gpus: dict[int, GpuDescription], probes: ProbeBatch
 ) -> list[GpuFeatures]:
-    """Features of every GPU sampled in the window (per-GPU and across the host's GPUs)."""
+    """Features of every GPU sampled in the window (per-GPU, across the host's GPUs, and
+    from probes that finished since the last window)."""
     features = window_features(window, host.gpus)
+    for index, probe_features in probes.features.items():
+        if index in features:
+            features[index] = {**features[index], **probe_features}
     counts: dict[int, int] = {}
     for tick in window.ticks:
         for sample in tick.samples:

@@ -46,3 +46,18 @@ class AgentSettings(TableSettings):
     exit_when_drained: bool = Field(
         False, description="exit once a replay is over and all evidence is acknowledged"
     )
+    probes: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="probe kernels: auto = on live GPUs only; on = also on the CPU while "
+        "replaying (tests, benchmarks); off = never",
+    )
+    # Each round is a fresh worker process that imports torch (~1.7 CPU s here): every
+    # 5 minutes that is ~0.6 % of one core per host, far below the GPUs' 1 % duty budget.
+    probe_interval_s: float = Field(
+        300.0, ge=1.0, description="least time between probe rounds on one GPU"
+    )
+    probe_budget_frac: float = Field(
+        0.01, gt=0, le=0.01, description="largest share of each GPU's time probes may use"
+    )
+    probe_timeout_s: float = Field(120.0, gt=0, description="kill a probe worker after this")
+    probe_threads: int = Field(1, ge=1, description="torch threads in the probe worker")
