@@ -12,7 +12,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from server.store.engine import create_store_engine, writer_engine
-from server.store.schema import Base
+from server.store.schema import Base, include_in_autogenerate
 
 TARGET_METADATA = Base.metadata
 
@@ -29,6 +29,8 @@ def _run_on(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=TARGET_METADATA,
+        # gpu_windows' partitions belong to maintenance (server.store.retention), not models.
+        include_name=include_in_autogenerate,
         # SQLite cannot ALTER most things in place; batch mode copies the table instead.
         render_as_batch=connection.dialect.name == "sqlite",
     )

@@ -1,6 +1,19 @@
-"""The verifier's evidence store (SQLAlchemy; SQLite by default, PostgreSQL-ready)."""
+"""The verifier's evidence store (SQLAlchemy; SQLite by default, or PostgreSQL)."""
 
-from server.store.errors import ENROLMENT_REFUSALS, EnrolmentRefusal, EnrolmentRefused, StoreError
+from server.store.errors import (
+    ENROLMENT_REFUSALS,
+    EnrolmentRefusal,
+    EnrolmentRefused,
+    StoreError,
+    StoreUnavailableError,
+)
 from server.store.store import Store
 
-__all__ = ["ENROLMENT_REFUSALS", "EnrolmentRefusal", "EnrolmentRefused", "Store", "StoreError"]
+__all__ = [
+    "ENROLMENT_REFUSALS",
+    "EnrolmentRefusal",
+    "EnrolmentRefused",
+    "Store",
+    "StoreError",
+    "StoreUnavailableError",
+]

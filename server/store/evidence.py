@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+import psycopg
+from sqlalchemy import Connection, bindparam, insert, select, tuple_, update
+from sqlalchemy.exc import DBAPIError
 
 from server.records import AcceptedEnvelope, GapRecord
 from server.store.errors import StoreError
 from server.store.schema import GAP_KINDS, Agent, Envelope, Gap, GpuWindow, Nonce, Process
 
 _Row = dict[str, Any]
+# Sorted keys: the same features always give the same text. One encoder for every row
+# (json.dumps with arguments builds a new one per call).
+_FEATURES_JSON = json.JSONEncoder(sort_keys=True)
 
 
 def store_fresh(conn: Connection, accepted: Sequence[AcceptedEnvelope]) -> int:
@@ -25,9 +30,11 @@ def store_fresh(conn: Connection, accepted: Sequence[AcceptedEnvelope]) -> int:
     if not fresh:
         return 0
     require_agents(conn, {envelope.agent_id for envelope in fresh})
-    conn.execute(insert(Envelope), [_envelope_row(envelope) for envelope in fresh])
-    _insert_rows(conn, GpuWindow, [row for e in fresh for row in _window_rows(e)])
-    _insert_rows(conn, Process, [row for e in fresh for row in _process_rows(e)])
+    _insert_rows(conn, Envelope, [_envelope_row(envelope) for envelope in fresh])
+    # Windows and processes hang off envelopes just inserted: they cannot race another
+    # writer, so PostgreSQL may take them by COPY, the bulk of the rows.
+    _bulk_rows(conn, GpuWindow, [row for e in fresh for row in _window_rows(e)])
+    _bulk_rows(conn, Process, [row for e in fresh for row in _process_rows(e)])
     insert_new_gaps(conn, [gap for gap in map(declared_gap, fresh) if gap is not None])
     _burn_nonces(conn, fresh)
     _advance_agents(conn, fresh)
@@ -37,17 +44,15 @@ def store_fresh(conn: Connection, accepted: Sequence[AcceptedEnvelope]) -> int:
 def _not_yet_stored(
     conn: Connection, accepted: Sequence[AcceptedEnvelope]
 ) -> list[AcceptedEnvelope]:
-    sequences_by_agent: dict[str, set[int]] = defaultdict(set)
-    for envelope in accepted:
-        sequences_by_agent[envelope.agent_id].add(envelope.sequence)
-    seen: set[tuple[str, int]] = set()
-    for agent_id, sequences in sequences_by_agent.items():
-        stored = conn.execute(
-            select(Envelope.sequence).where(
-                Envelope.agent_id == agent_id, Envelope.sequence.in_(sequences)
-            )
-        ).scalars()
-        seen.update((agent_id, sequence) for sequence in stored)
+    wanted = {(envelope.agent_id, envelope.sequence) for envelope in accepted}
+    # One query for the whole batch, however many agents it spans (a commit group of the
+    # ingest path holds hundreds); row-value IN works on SQLite >= 3.15 and PostgreSQL.
+    stored = conn.execute(
+        select(Envelope.agent_id, Envelope.sequence).where(
+            tuple_(Envelope.agent_id, Envelope.sequence).in_(sorted(wanted))
+        )
+    )
+    seen: set[tuple[str, int]] = {(row.agent_id, row.sequence) for row in stored}
     fresh = []
     for envelope in accepted:
         key = (envelope.agent_id, envelope.sequence)
@@ -66,9 +71,61 @@ def require_agents(conn: Connection, agent_ids: Iterable[str]) -> None:
         raise StoreError(f"agents never enrolled: {', '.join(sorted(missing))}")
 
 
-def _insert_rows(conn: Connection, model: type[GpuWindow | Process], rows: list[_Row]) -> None:
-    if rows:
+def _insert_rows(
+    conn: Connection, model: type[Envelope | GpuWindow | Process], rows: list[_Row]
+) -> None:
+    if not rows:
+        return
+    sql = _driver_insert(conn.dialect.paramstyle, model.__tablename__, tuple(rows[0]))
+    if sql is None:
         conn.execute(insert(model), rows)
+        return
+    # Straight to the driver's executemany: SQLAlchemy's per-row parameter processing
+    # costs more than the insert itself (3 us a row on SQLite, 15 on psycopg), and these
+    # columns need none (ints, floats, text, bytes, bools). Errors still go through
+    # SQLAlchemy, so IntegrityError and the store's unavailability mapping hold.
+    conn.exec_driver_sql(sql, rows)
+
+
+def _bulk_rows(conn: Connection, model: type[GpuWindow | Process], rows: list[_Row]) -> None:
+    driver = conn.connection.driver_connection
+    if not rows or not isinstance(driver, psycopg.Connection):
+        _insert_rows(conn, model, rows)
+        return
+    # COPY costs psycopg about 3.5 us a row against 20 for a pipelined executemany.
+    columns = tuple(rows[0])
+    statement = _copy_statement(model.__tablename__, columns)
+    try:
+        with driver.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row([row[column] for column in columns])
+    except psycopg.Error as error:
+        # The same exception classes SQLAlchemy raises for the other statements.
+        raise DBAPIError.instance(statement, None, error, psycopg.Error) from error
+
+
+@functools.cache
+def _copy_statement(table: str, columns: tuple[str, ...]) -> str:
+    names = ", ".join(f'"{column}"' for column in columns)
+    return f'COPY "{table}" ({names}) FROM STDIN'
+
+
+@functools.cache
+def _driver_insert(paramstyle: str, table: str, columns: tuple[str, ...]) -> str | None:
+    """INSERT with named parameters in the driver's own style; None if it has none.
+
+    Names are the schema's own, double-quoted as SQLite and PostgreSQL both read them.
+    """
+    placeholder = _NAMED_PLACEHOLDERS.get(paramstyle)
+    if placeholder is None:
+        return None
+    names = ", ".join(f'"{column}"' for column in columns)
+    values = ", ".join(placeholder.format(column) for column in columns)
+    return f'INSERT INTO "{table}" ({names}) VALUES ({values})'  # noqa: S608 - our names
+
+
+# Placeholders taking a mapping, by DB-API paramstyle (sqlite3 accepts named with qmark).
+_NAMED_PLACEHOLDERS = {"qmark": ":{}", "named": ":{}", "pyformat": "%({})s"}
 
 
 def insert_new_gaps(conn: Connection, gaps: Sequence[GapRecord]) -> None:
@@ -121,26 +178,36 @@ def _advance_agents(conn: Connection, envelopes: Iterable[AcceptedEnvelope]) -> 
         if agent_id not in newest or envelope.sequence > newest[agent_id].sequence:
             newest[agent_id] = envelope
         last_received[agent_id] = max(last_received.get(agent_id, 0), envelope.received_unix_ns)
-    for agent_id, envelope in newest.items():
-        # Guarded so a late, lower sequence can never move the chain head backwards.
-        conn.execute(
-            update(Agent)
-            .where(Agent.agent_id == agent_id, Agent.acked_sequence < envelope.sequence)
-            .values(
-                acked_sequence=envelope.sequence,
-                last_envelope_sha256=envelope.chain_head_sha256,
-            )
-        )
-        touch(conn, agent_id, last_received[agent_id])
+    # One executemany per statement rather than two statements per agent.
+    conn.execute(
+        _ADVANCE_CHAIN,
+        [
+            {"b_agent": agent_id, "b_sequence": e.sequence, "b_head": e.chain_head_sha256}
+            for agent_id, e in newest.items()
+        ],
+    )
+    conn.execute(
+        _TOUCH, [{"b_agent": agent_id, "b_now": now} for agent_id, now in last_received.items()]
+    )
+
+
+# Guarded so a late, lower sequence can never move the chain head backwards.
+_ADVANCE_CHAIN = (
+    update(Agent)
+    .where(Agent.agent_id == bindparam("b_agent"), Agent.acked_sequence < bindparam("b_sequence"))
+    .values(acked_sequence=bindparam("b_sequence"), last_envelope_sha256=bindparam("b_head"))
+)
+# Last seen never moves backwards either.
+_TOUCH = (
+    update(Agent)
+    .where(Agent.agent_id == bindparam("b_agent"), Agent.last_seen_unix_ns < bindparam("b_now"))
+    .values(last_seen_unix_ns=bindparam("b_now"))
+)
 
 
 def touch(conn: Connection, agent_id: str, now_unix_ns: int) -> None:
     """Move the agent's last-seen time forward to ``now_unix_ns`` (never backwards)."""
-    conn.execute(
-        update(Agent)
-        .where(Agent.agent_id == agent_id, Agent.last_seen_unix_ns < now_unix_ns)
-        .values(last_seen_unix_ns=now_unix_ns)
-    )
+    conn.execute(_TOUCH, {"b_agent": agent_id, "b_now": now_unix_ns})
 
 
 def declared_gap(envelope: AcceptedEnvelope) -> GapRecord | None:
@@ -191,8 +258,7 @@ def _window_rows(envelope: AcceptedEnvelope) -> list[_Row]:
             "verdict": gpu.verdict,
             "confidence": gpu.confidence,
             "model_version": gpu.model_version,
-            # Sorted keys: the same features always give the same text.
-            "features_json": json.dumps(gpu.features, sort_keys=True),
+            "features_json": _FEATURES_JSON.encode(gpu.features),
         }
         for gpu in envelope.gpus
     ]

@@ -3,7 +3,8 @@
 The models define the schema the migrations in ``server/migrations`` must build; a test
 compares the two. They never leave :mod:`server.store`: callers see the plain records of
 :mod:`server.records`. Times are integer nanoseconds since the Unix epoch, in columns
-named ``*_unix_ns``. Everything here is portable SQL (SQLite and PostgreSQL).
+named ``*_unix_ns``. Everything here is portable SQL (SQLite and PostgreSQL), except that
+PostgreSQL partitions ``gpu_windows`` by window start (see :mod:`server.store.retention`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,22 @@ NAMING_CONVENTION = {
 }
 
 GAP_KINDS = ("declared", "observed")
+# PostgreSQL only: gpu_windows is range-partitioned by start_unix_ns into one table per UTC
+# day, named WINDOW_PARTITION_PREFIX + YYYYMMDD, plus a default partition that catches
+# windows no day partition covers yet. Partitions are not models: the maintenance call in
+# server.store.retention creates and drops them, and migrations must leave them alone.
+WINDOW_PARTITION_PREFIX = "gpu_windows_p"
+DEFAULT_WINDOW_PARTITION = "gpu_windows_default"
+
+
+def is_window_partition(table_name: str) -> bool:
+    """True for a partition of gpu_windows (a day's table or the default one)."""
+    return table_name == DEFAULT_WINDOW_PARTITION or table_name.startswith(WINDOW_PARTITION_PREFIX)
+
+
+def include_in_autogenerate(name: str | None, type_: str, _parent_names: object) -> bool:
+    """Alembic ``include_name`` hook: compare every table except gpu_windows' partitions."""
+    return not (type_ == "table" and name is not None and is_window_partition(name))
 
 
 class Base(DeclarativeBase):
@@ -109,7 +126,13 @@ class Envelope(Base):
 
 
 class GpuWindow(Base):
-    """One GPU over one window, with the verifier's verdict on it."""
+    """One GPU over one window, with the verifier's verdict on it.
+
+    The key includes the start time because PostgreSQL only enforces keys that contain the
+    partition key. (agent, sequence, GPU) stays unique all the same: windows are only
+    inserted with their envelope, whose key is (agent, sequence), and appraisal refuses an
+    envelope listing one GPU twice.
+    """
 
     __tablename__ = "gpu_windows"
     __table_args__ = (
@@ -119,13 +142,14 @@ class GpuWindow(Base):
         # Time-range queries across the fleet, and per agent.
         Index("ix_gpu_windows_start_unix_ns", "start_unix_ns"),
         Index("ix_gpu_windows_agent_id_start_unix_ns", "agent_id", "start_unix_ns"),
+        {"postgresql_partition_by": "RANGE (start_unix_ns)"},
     )
 
     agent_id: Mapped[str] = mapped_column(primary_key=True)
     sequence: Mapped[int] = mapped_column(primary_key=True)
     gpu_index: Mapped[int] = mapped_column(primary_key=True)
     gpu_uuid: Mapped[str]
-    start_unix_ns: Mapped[int]
+    start_unix_ns: Mapped[int] = mapped_column(primary_key=True)
     end_unix_ns: Mapped[int]
     sample_count: Mapped[int]
     verdict: Mapped[str]

@@ -7,12 +7,12 @@ verifier acknowledged survives a crash. Inputs and outputs are the plain records
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
 from typing import Self, TypeVar
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from server.records import (
@@ -24,9 +24,9 @@ from server.records import (
     NonceRecord,
     WindowRow,
 )
-from server.store.engine import create_store_engine, upgrade_to_head, writer_engine
+from server.store.engine import PoolOptions, create_store_engine, upgrade_to_head, writer_engine
 from server.store.enrolment import consume_token, ensure_agent
-from server.store.errors import EnrolmentRefused, StoreError
+from server.store.errors import EnrolmentRefused, StoreError, StoreUnavailableError
 from server.store.evidence import (
     check_gap,
     declared_gap,
@@ -42,6 +42,7 @@ from server.store.queries import (
     open_or_lost_gaps_by_agent,
     window_row,
 )
+from server.store.retention import PARTITION_DAYS_AHEAD, MaintenanceReport, maintain_windows
 from server.store.schema import Agent, EnrolToken, Envelope, GpuWindow, Key, Nonce
 
 _T = TypeVar("_T")
@@ -59,9 +60,14 @@ class Store:
         self._writer = writer_engine(engine)
 
     @classmethod
-    def open(cls, url: str) -> Store:
-        """Connect to ``url`` (e.g. ``sqlite:///path``) and migrate its schema to head."""
-        engine = create_store_engine(url)
+    def open(cls, url: str, pool: PoolOptions | None = None) -> Store:
+        """Connect to ``url`` and migrate its schema to head.
+
+        ``url`` is ``sqlite:///path`` or ``postgresql://user@host:port/db`` (psycopg 3; also
+        spelt ``postgresql+psycopg://``). Raises StoreUnavailableError when the database
+        cannot be reached.
+        """
+        engine = create_store_engine(url, pool)
         try:
             upgrade_to_head(engine)
         except BaseException:
@@ -72,6 +78,28 @@ class Store:
     def close(self) -> None:
         """Close every pooled connection."""
         self._engine.dispose()
+
+    def ping(self) -> bool:
+        """True if the database answers a trivial query now (for health checks); never raises."""
+        try:
+            with self._engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except (StoreUnavailableError, SQLAlchemyError):
+            return False
+        return True
+
+    def maintain_windows(
+        self,
+        now_unix_ns: int,
+        retention_days: int | None = None,
+        days_ahead: int = PARTITION_DAYS_AHEAD,
+    ) -> MaintenanceReport:
+        """Drop GPU windows past ``retention_days`` (None keeps all) and, on PostgreSQL,
+        create the day partitions up to ``days_ahead`` days ahead of ``now_unix_ns``.
+
+        Meant to run at start-up and then every hour or so; see :mod:`server.store.retention`.
+        """
+        return maintain_windows(self._writer, now_unix_ns, retention_days, days_ahead)
 
     def __enter__(self) -> Self:
         return self
@@ -156,6 +184,40 @@ class Store:
         if row is None:
             return None
         return KeyRecord(key_id, row.agent_id, row.public_key, row.revoked_at_unix_ns is not None)
+
+    def keys_with_chain_states(
+        self, key_ids: Collection[str]
+    ) -> dict[str, tuple[KeyRecord, AgentState]]:
+        """Each enrolled key of ``key_ids`` with its agent's chain state, in one query.
+
+        Unknown key ids are left out. The ingest path reads everything a group of Submit
+        calls needs to know up front with this, instead of two queries per call.
+        """
+        if not key_ids:
+            return {}
+        query = (
+            select(
+                Key.key_id,
+                Key.agent_id,
+                Key.public_key,
+                Key.revoked_at_unix_ns,
+                Agent.acked_sequence,
+                Agent.last_envelope_sha256,
+            )
+            .join(Agent, Agent.agent_id == Key.agent_id)
+            .where(Key.key_id.in_(set(key_ids)))
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return {
+            row.key_id: (
+                KeyRecord(
+                    row.key_id, row.agent_id, row.public_key, row.revoked_at_unix_ns is not None
+                ),
+                AgentState(row.agent_id, row.acked_sequence, row.last_envelope_sha256),
+            )
+            for row in rows
+        }
 
     # -- evidence chain --------------------------------------------------------------------
 
@@ -279,9 +341,14 @@ class Store:
         ]
 
     def list_windows(
-        self, agent_id: str | None = None, since_unix_ns: int = 0, limit: int = 1000
+        self,
+        agent_id: str | None = None,
+        since_unix_ns: int = 0,
+        limit: int = 1000,
+        until_unix_ns: int | None = None,
     ) -> list[WindowRow]:
-        """Stored GPU windows starting at or after ``since_unix_ns``, by agent, sequence, GPU."""
+        """Stored GPU windows starting at or after ``since_unix_ns`` (and before
+        ``until_unix_ns`` when given), by agent, sequence, GPU."""
         if limit < 0:
             raise ValueError(f"limit must be >= 0, not {limit}")
         query = (
@@ -297,6 +364,8 @@ class Store:
         )
         if agent_id is not None:
             query = query.where(GpuWindow.agent_id == agent_id)
+        if until_unix_ns is not None:
+            query = query.where(GpuWindow.start_unix_ns < until_unix_ns)
         with self._engine.connect() as conn:
             return [window_row(row) for row in conn.execute(query)]
 

@@ -1,4 +1,4 @@
-"""Alembic migrations of the evidence store, on real SQLite files."""
+"""Alembic migrations of the evidence store, on real SQLite files and a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,18 +6,36 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import CheckConstraint, Engine, ForeignKeyConstraint, event, inspect
+from sqlalchemy import (
+    CheckConstraint,
+    Engine,
+    ForeignKeyConstraint,
+    MetaData,
+    Table,
+    event,
+    insert,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
 
 from server.store import Store
 from server.store.engine import alembic_config, create_store_engine, upgrade_to_head
-from server.store.schema import Base
+from server.store.retention import DAY_NS, partition_name
+from server.store.schema import (
+    DEFAULT_WINDOW_PARTITION,
+    Base,
+    include_in_autogenerate,
+    is_window_partition,
+)
 
 STORE_TABLES = {
     "enrol_tokens",
@@ -30,10 +48,15 @@ STORE_TABLES = {
     "nonces",
 }
 SCHEMA_CHANGING = ("CREATE", "ALTER", "DROP", "INSERT", "UPDATE", "DELETE")
+DAY0 = 20_000 * DAY_NS  # 2024-10-04T00:00Z, a synthetic time
 
 
-@pytest.fixture
-def url(tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database: a SQLite file, or one on the session's PostgreSQL server."""
+    if request.param == "postgresql":
+        postgres_url: str = request.getfixturevalue("postgres_url")
+        return postgres_url
     return f"sqlite:///{tmp_path / 'verifier.db'}"
 
 
@@ -45,7 +68,15 @@ def engine(url: str) -> Iterator[Engine]:
 
 
 def _tables(engine: Engine) -> set[str]:
-    return set(inspect(engine).get_table_names())
+    """Every table but gpu_windows' partitions (PostgreSQL's own business, tested apart)."""
+    return {name for name in inspect(engine).get_table_names() if not is_window_partition(name)}
+
+
+def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
+    config = alembic_config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(config, revision)
 
 
 def _statements_of_upgrade(engine: Engine) -> list[str]:
@@ -72,6 +103,11 @@ def _statements_of_upgrade(engine: Engine) -> list[str]:
 def _current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def _primary_key(engine: Engine, table: str) -> list[str]:
+    columns: list[str] = inspect(engine).get_pk_constraint(table)["constrained_columns"]
+    return columns
 
 
 def test_open_migrates_an_empty_database_to_head(url: str, engine: Engine) -> None:
@@ -105,13 +141,19 @@ def test_models_and_migrations_agree(engine: Engine) -> None:
     upgrade_to_head(engine)
 
     with engine.connect() as conn:
-        differences = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        context = MigrationContext.configure(conn, opts={"include_name": include_in_autogenerate})
+        differences = compare_metadata(context, Base.metadata)
 
     assert differences == []
+    # The hook hides gpu_windows' partitions and nothing else.
+    hidden = set(inspect(engine).get_table_names()) - _tables(engine)
+    expected = {DEFAULT_WINDOW_PARTITION} if engine.dialect.name == "postgresql" else set()
+    assert hidden == expected
 
 
 def test_constraint_names_match_the_models(engine: Engine) -> None:
-    # Autogenerate ignores CHECK constraints and foreign-key names; compare those by name.
+    # Autogenerate ignores CHECK constraints, foreign-key names and primary keys; compare
+    # those by name (and keys by columns).
     upgrade_to_head(engine)
     inspector = inspect(engine)
 
@@ -122,18 +164,18 @@ def test_constraint_names_match_the_models(engine: Engine) -> None:
         }
         migrated_checks = {c["name"] for c in inspector.get_check_constraints(table.name)}
         migrated_foreign_keys = {c["name"] for c in inspector.get_foreign_keys(table.name)}
+        migrated_key = inspector.get_pk_constraint(table.name)
         assert migrated_checks == modelled_checks, table.name
         assert migrated_foreign_keys == modelled_foreign_keys, table.name
+        assert migrated_key["name"] == table.primary_key.name, table.name
+        assert migrated_key["constrained_columns"] == [c.name for c in table.primary_key.columns]
 
 
 def test_downgrade_to_base_and_upgrade_again(engine: Engine) -> None:
     upgrade_to_head(engine)
-    config = alembic_config()
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "base")
+    _migrate(engine, "base", down=True)
 
-    assert _tables(engine) == {"alembic_version"}
+    assert set(inspect(engine).get_table_names()) == {"alembic_version"}
     upgrade_to_head(engine)
     assert _tables(engine) >= STORE_TABLES
 
@@ -150,3 +192,130 @@ def test_two_verifiers_opening_a_new_database_at_once(url: str, engine: Engine) 
             future.result()
 
     assert _tables(engine) == STORE_TABLES | {"alembic_version"}
+
+
+# -- 0002: gpu_windows keyed by start time too, and partitioned by it on PostgreSQL -------------
+
+
+def _window_rows(days: int) -> list[dict[str, Any]]:
+    """Two GPUs per envelope, one envelope per day from DAY0 (synthetic)."""
+    return [
+        {
+            "agent_id": "agent-a",
+            "sequence": day + 1,
+            "gpu_index": gpu,
+            "gpu_uuid": f"GPU-synthetic-{gpu}",
+            "start_unix_ns": DAY0 + day * DAY_NS + 3600 * 10**9,
+            "end_unix_ns": DAY0 + day * DAY_NS + 3610 * 10**9,
+            "sample_count": 100,
+            "verdict": "training",
+            "confidence": 0.5,
+            "model_version": "model-test-1",
+            "features_json": '{"power_mean_w": 250.0}',
+        }
+        for day in range(days)
+        for gpu in range(2)
+    ]
+
+
+def _insert_windows(engine: Engine, rows: list[dict[str, Any]]) -> None:
+    """Insert rows the way revision 0001 knew them, with the parents they need."""
+    metadata = MetaData()
+    agents, envelopes, windows = (
+        Table(name, metadata, autoload_with=engine)
+        for name in ("agents", "envelopes", "gpu_windows")
+    )
+    agent = {
+        "agent_id": "agent-a",
+        "hostname": "host-a",
+        "enrolled_unix_ns": 0,
+        "acked_sequence": 0,
+        "last_envelope_sha256": b"\x00" * 32,
+        "last_seen_unix_ns": 0,
+    }
+    sequences = sorted({row["sequence"] for row in rows})
+    envelope_rows = [
+        {
+            "agent_id": "agent-a",
+            "sequence": sequence,
+            "sha256": bytes(32),
+            "payload_type": "test",
+            "envelope": b"\x00\xff",
+            "received_unix_ns": 0,
+            "window_start_unix_ns": 0,
+            "window_end_unix_ns": 0,
+            "source": "synthetic",
+            "nonce": b"",
+        }
+        for sequence in sequences
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(agents), [agent])
+        conn.execute(insert(envelopes), envelope_rows)
+        conn.execute(insert(windows), rows)
+
+
+def _stored_windows(engine: Engine) -> list[tuple[Any, ...]]:
+    windows = Table("gpu_windows", MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        return sorted(tuple(row) for row in conn.execute(select(windows)))
+
+
+def test_0002_keeps_the_windows_0001_stored(engine: Engine) -> None:
+    _migrate(engine, "0001")
+    rows = _window_rows(days=3)
+    _insert_windows(engine, rows)
+    before = _stored_windows(engine)
+
+    upgrade_to_head(engine)
+
+    assert _stored_windows(engine) == before
+    assert len(before) == len(rows)
+    assert _primary_key(engine, "gpu_windows") == [
+        "agent_id",
+        "sequence",
+        "gpu_index",
+        "start_unix_ns",
+    ]
+
+
+def test_downgrading_0002_merges_every_partition_back(url: str, engine: Engine) -> None:
+    _migrate(engine, "0001")
+    _insert_windows(engine, _window_rows(days=3))
+    before = _stored_windows(engine)
+    with Store.open(url) as store:
+        # On PostgreSQL this spreads the rows over day partitions; on SQLite it does nothing.
+        store.maintain_windows(DAY0, days_ahead=1)
+
+    _migrate(engine, "0001", down=True)
+
+    assert _stored_windows(engine) == before
+    assert _primary_key(engine, "gpu_windows") == ["agent_id", "sequence", "gpu_index"]
+    assert set(inspect(engine).get_table_names()) == STORE_TABLES | {"alembic_version"}
+
+
+def test_postgresql_partitions_gpu_windows_by_start_time(postgres_url: str) -> None:
+    Store.open(postgres_url).close()
+    engine = create_store_engine(postgres_url)
+    try:
+        with engine.connect() as conn:
+            strategy, key = conn.execute(
+                text(
+                    "SELECT p.partstrat, a.attname FROM pg_partitioned_table p "
+                    "JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0] "
+                    "WHERE p.partrelid = 'gpu_windows'::regclass"
+                )
+            ).one()
+            default = conn.execute(
+                text(
+                    "SELECT c.relname FROM pg_partitioned_table p "
+                    "JOIN pg_class c ON c.oid = p.partdefid "
+                    "WHERE p.partrelid = 'gpu_windows'::regclass"
+                )
+            ).scalar_one()
+    finally:
+        engine.dispose()
+
+    assert (strategy, key) == ("r", "start_unix_ns")  # r: RANGE
+    assert default == DEFAULT_WINDOW_PARTITION
+    assert partition_name(DAY0) == "gpu_windows_p20241004"

@@ -1,13 +1,14 @@
 """The verifier's evidence store, against a real database (no mocks).
 
-Every test reaches the database through the ``store_url`` fixture, so a later issue can
-parametrise it over PostgreSQL as well as SQLite.
+Every test reaches the database through the ``store_url`` fixture, which runs it on SQLite
+and on PostgreSQL (a throwaway server, see tests/conftest.py; skipped without its binaries).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -31,8 +32,15 @@ from server.records import (
     KeyRecord,
     NonceRecord,
 )
-from server.store import ENROLMENT_REFUSALS, EnrolmentRefused, Store, StoreError
-from server.store.engine import SQLITE_BUSY_TIMEOUT_MS, create_store_engine
+from server.store import (
+    ENROLMENT_REFUSALS,
+    EnrolmentRefused,
+    Store,
+    StoreError,
+    StoreUnavailableError,
+)
+from server.store import engine as store_engine
+from server.store.engine import SQLITE_BUSY_TIMEOUT_MS, create_store_engine, database_url
 
 NOW = 1_700_000_000_000_000_000
 SECOND = 1_000_000_000
@@ -42,9 +50,12 @@ EVIDENCE_TYPE = "application/vnd.gpuattest.evidence.v1+protobuf"
 GAP_TYPE = "application/vnd.gpuattest.gap.v1+protobuf"
 
 
-@pytest.fixture
-def store_url(tmp_path: Path) -> str:
-    """The database under test (SQLite today; PostgreSQL joins in a later issue)."""
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The database under test: a SQLite file, or a database on the session's PostgreSQL."""
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("postgres_store_url")
+        return url
     return f"sqlite:///{tmp_path / 'evidence.db'}"
 
 
@@ -721,3 +732,72 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(store: Store, store_url: str)
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_BUSY_TIMEOUT_MS
     finally:
         engine.dispose()
+
+
+def test_sqlite_still_locked_after_the_busy_timeout_is_retryable(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = make_url(store_url)
+    if url.get_backend_name() != "sqlite":
+        pytest.skip("SQLite only")
+    monkeypatch.setattr(store_engine, "SQLITE_BUSY_TIMEOUT_MS", 50)
+    with Store.open(store_url) as store, sqlite3.connect(str(url.database)) as rival:
+        rival.execute("BEGIN IMMEDIATE")  # another verifier holds the write lock
+
+        with pytest.raises(StoreUnavailableError, match="locked"):
+            store.touch_agent("agent-a", NOW)
+        rival.rollback()
+        store.touch_agent("agent-a", NOW)  # and the store works again once it is released
+
+
+# -- database URLs and reachability -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "driver"),
+    [
+        pytest.param("postgresql://u@db:5432/gpuattest", "postgresql+psycopg", id="postgresql"),
+        pytest.param("postgres://u@db/gpuattest", "postgresql+psycopg", id="postgres-alias"),
+        pytest.param("postgresql+psycopg://u@db/gpuattest", "postgresql+psycopg", id="explicit"),
+        pytest.param("sqlite:////var/lib/gpuattest/verifier.db", "sqlite", id="sqlite"),
+    ],
+)
+def test_database_urls_pick_the_driver(given: str, driver: str) -> None:
+    url = database_url(given)
+
+    assert url.drivername == driver
+    assert (url.host, url.database) == (make_url(given).host, make_url(given).database)
+
+
+def test_a_plain_postgresql_url_opens_with_psycopg(postgres_store_url: str) -> None:
+    plain = postgres_store_url.replace("postgresql+psycopg://", "postgresql://")
+
+    with Store.open(plain) as store:
+        assert store.ping() is True
+        assert store.list_agents() == []
+
+
+def test_ping_answers_true_while_the_database_is_up(store: Store) -> None:
+    assert store.ping() is True
+
+
+def _unused_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_an_unreachable_postgresql_is_reported_as_unavailable() -> None:
+    # Nothing listens there: what a verifier sees while its database restarts.
+    url = f"postgresql://gpuattest@127.0.0.1:{_unused_loopback_port()}/gpuattest"
+
+    with pytest.raises(StoreUnavailableError, match="postgresql"):
+        Store.open(url)
+    unreachable = Store(create_store_engine(url))
+    try:
+        assert unreachable.ping() is False
+        with pytest.raises(StoreUnavailableError):
+            unreachable.agent_state("agent-a")
+    finally:
+        unreachable.close()
