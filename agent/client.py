@@ -11,10 +11,13 @@ from proto import verifier_pb2 as pb
 from proto import verifier_pb2_grpc as pb_grpc
 from proto.errors import GpuattestError
 from proto.limits import WireLimits
-from proto.transport import TransportError, check_plaintext_allowed
-
-ACKED_SEQUENCE_KEY = "gpuattest-acked-sequence"
-REASON_KEY = "gpuattest-reason"
+from proto.transport import (
+    ACKED_SEQUENCE_KEY,
+    REASON_KEY,
+    RETRY_AFTER_KEY,
+    TransportError,
+    check_plaintext_allowed,
+)
 
 
 def open_channel(settings: AgentSettings, limits: WireLimits | None = None) -> grpc.aio.Channel:
@@ -49,6 +52,7 @@ class SubmitRejected(GpuattestError):  # noqa: N818 - a verdict, named like the 
     reason: str
     detail: str
     acked_sequence: int | None
+    retry_after_ms: int | None = None
 
     def __str__(self) -> str:
         return f"{self.code.name} {self.reason}: {self.detail}"
@@ -57,14 +61,17 @@ class SubmitRejected(GpuattestError):  # noqa: N818 - a verdict, named like the 
 def rejection_from(error: grpc.aio.AioRpcError) -> SubmitRejected:
     """Read the reason and acknowledgement the verifier put in the trailing metadata."""
     trailing = dict(error.trailing_metadata() or ())
-    acked = trailing.get(ACKED_SEQUENCE_KEY)
-    reason = trailing.get(REASON_KEY, "")
     return SubmitRejected(
         code=error.code(),
-        reason=str(reason),
+        reason=str(trailing.get(REASON_KEY, "")),
         detail=error.details() or "",
-        acked_sequence=int(acked) if isinstance(acked, str) and acked.isdigit() else None,
+        acked_sequence=_decimal(trailing.get(ACKED_SEQUENCE_KEY)),
+        retry_after_ms=_decimal(trailing.get(RETRY_AFTER_KEY)),
     )
+
+
+def _decimal(value: object) -> int | None:
+    return int(value) if isinstance(value, str) and value.isdigit() else None
 
 
 class VerifierClient:

@@ -8,6 +8,12 @@ from proto.errors import GpuattestError
 
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
+# Trailing metadata of a verifier rejection (see docs/protocol.md): why, where the agent's
+# chain stands, and, for "not now" refusals, how long to wait before retrying.
+REASON_KEY = "gpuattest-reason"
+ACKED_SEQUENCE_KEY = "gpuattest-acked-sequence"
+RETRY_AFTER_KEY = "gpuattest-retry-after-ms"
+
 
 class TransportError(GpuattestError):
     """An address or TLS setting is not acceptable."""

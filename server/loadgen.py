@@ -51,11 +51,10 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.client import (
-    ACKED_SEQUENCE_KEY,
-    REASON_KEY,
     TRANSIENT_CODES,
     TRANSIENT_REASONS,
     VerifierClient,
+    rejection_from,
 )
 from agent.collectors.synthetic import generate_training_trace
 from agent.evidence import GpuFeatures, WindowClaims, build_evidence, sign_evidence
@@ -68,7 +67,6 @@ from proto import verifier_pb2_grpc as pb_grpc
 from proto.errors import GpuattestError
 from proto.limits import WireLimits
 from proto.signing import Ed25519Signer
-from server.service import RETRY_AFTER_KEY
 from server.store import Store
 
 NS_PER_S = 1_000_000_000
@@ -475,19 +473,19 @@ class AgentDriver:
         run.acked = max(run.acked, acked)
 
     def _refused(self, error: grpc.aio.AioRpcError) -> Refusal | None:
-        trailers = dict(error.trailing_metadata() or ())
-        reason = str(trailers.get(REASON_KEY, "")) or error.code().name.lower()
+        rejection = rejection_from(error)
+        reason = rejection.reason or error.code().name.lower()
         self._run.refusals[reason] += 1
-        transient = error.code() in TRANSIENT_CODES and not trailers.get(REASON_KEY)
+        transient = error.code() in TRANSIENT_CODES and not rejection.reason
         if reason in TRANSIENT_REASONS or transient:
-            hint = trailers.get(RETRY_AFTER_KEY)
-            return Refusal(int(hint) / 1000 if isinstance(hint, str) and hint.isdigit() else 0.0)
+            hint_ms = rejection.retry_after_ms
+            return Refusal(hint_ms / 1000 if hint_ms is not None else 0.0)
         # Appraisal refused an envelope: count it; resume from the acknowledgement if it
         # moved (the verifier holds more than we knew), otherwise this agent is stuck.
         self._run.rejected += 1
-        acked = trailers.get(ACKED_SEQUENCE_KEY)
-        if isinstance(acked, str) and acked.isdigit() and int(acked) > self._run.acked:
-            self._acknowledge(int(acked))
+        acked = rejection.acked_sequence
+        if acked is not None and acked > self._run.acked:
+            self._acknowledge(acked)
         else:
             self._run.stopped = reason
         return None

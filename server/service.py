@@ -21,6 +21,7 @@ from proto import verifier_pb2 as pb
 from proto import verifier_pb2_grpc as pb_grpc
 from proto.errors import MalformedError
 from proto.signing import PublicKey
+from proto.transport import ACKED_SEQUENCE_KEY, REASON_KEY, RETRY_AFTER_KEY
 from server.appraisal import AppraisalPolicy
 from server.ingest import IngestCounters, IngestPipeline, Overloaded, StoreUnavailable
 from server.records import NonceRecord
@@ -30,10 +31,6 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 Clock = Callable[[], int]  # wall-clock nanoseconds since the Unix epoch
-ACKED_SEQUENCE_KEY = "gpuattest-acked-sequence"
-REASON_KEY = "gpuattest-reason"
-# Trailing metadata on "overloaded" and "store_unavailable": wait this long before retrying.
-RETRY_AFTER_KEY = "gpuattest-retry-after-ms"
 STORE_RETRY_MS = 1000
 MAX_LIST_LIMIT = 10_000
 MAX_HOSTNAME_BYTES = 253  # longest DNS name

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from gpuattest.cli import cli
 from proto import verifier_pb2 as pb
+from proto.transport import REASON_KEY, RETRY_AFTER_KEY
 from server.loadgen import (
     ISSUE_KEYS,
     AgentDriver,
@@ -32,7 +33,6 @@ from server.loadgen import (
     run_against,
 )
 from server.serve import start_verifier
-from server.service import REASON_KEY, RETRY_AFTER_KEY
 from server.settings import VerifierSettings
 from server.store import Store
 
