@@ -12,11 +12,15 @@ check passes.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
 from proto import envelope as dsse
@@ -70,6 +74,17 @@ _FEATURE_BOUNDS: tuple[tuple[str, float | None, float | None], ...] = (
     ("_corr", -1.0, 1.0),
     ("periodicity", 0.0, 1.0),
 )
+# The bounds an unbounded side gets in the vectorised check: finite, so that one
+# comparison low <= value <= high also fails for NaN and +-inf, as the finiteness check does.
+_UNBOUNDED_LOW, _UNBOUNDED_HIGH = -sys.float_info.max, sys.float_info.max
+# Feature layouts (a window's feature names, in order) remembered at most. The names come
+# from agents, so the cache is bounded; an honest fleet sends a handful of layouts.
+_MAX_CACHED_LAYOUTS = 256
+# Layouts with longer names are not remembered (not worth the memory; rejected anyway
+# under the default limits).
+_MAX_CACHED_NAME_BYTES = WireLimits().max_string_bytes
+
+FloatArray = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -352,10 +367,12 @@ def _appraise_evidence(
     if duplicate:
         return duplicate
     _check_chain(evidence.previous_envelope_sha256, state)
-    _check_sizes(evidence, policy.limits)
+    _check_counts(evidence, policy.limits)
+    windows = _read_windows(evidence)
+    _check_strings(evidence, windows, policy.limits)
     _check_window(evidence, policy, now_unix_ns)
     _check_nonce(evidence, context, now_unix_ns)
-    _check_values(evidence)
+    _check_values(evidence, windows)
     return Accepted(
         AcceptedEnvelope(
             agent_id=evidence.agent_id,
@@ -369,7 +386,7 @@ def _appraise_evidence(
             window_end_unix_ns=evidence.window_end_unix_ns,
             source=evidence.source,
             nonce=evidence.nonce,
-            gpus=_classify_gpus(evidence, classifier),
+            gpus=_classify_gpus(evidence, windows, classifier),
             processes=tuple(
                 AttributedProcess(
                     p.gpu_index, p.pid, p.used_memory_mib, p.job_kind, p.job_id, p.trusted
@@ -380,7 +397,7 @@ def _appraise_evidence(
     )
 
 
-def _check_sizes(evidence: Evidence, limits: WireLimits) -> None:
+def _check_counts(evidence: Evidence, limits: WireLimits) -> None:
     counts = (
         ("too_many_gpus", len(evidence.gpus), limits.max_gpus_per_window),
         ("too_many_processes", len(evidence.processes), limits.max_processes),
@@ -394,13 +411,106 @@ def _check_sizes(evidence: Evidence, limits: WireLimits) -> None:
     for reason, count, limit in counts:
         if count > limit:
             raise AppraisalError(RESOURCE_EXHAUSTED, reason, f"{count} > {limit}")
-    for text in _strings(evidence):
-        if len(text.encode("utf-8")) > limits.max_string_bytes:
-            raise AppraisalError(
-                RESOURCE_EXHAUSTED,
-                "string_too_long",
-                f"a string exceeds {limits.max_string_bytes} bytes",
-            )
+
+
+@dataclass(frozen=True)
+class _FeatureLayout:
+    """What the checks need to know about one window's feature names, worked out once.
+
+    An agent sends the same names in the same order in every window, so this is looked up
+    by the names instead of checking every name of every window again.
+    """
+
+    names: tuple[str, ...]
+    distinct: bool  # no name repeats
+    longest_name_bytes: int  # UTF-8
+    low: FloatArray  # per feature, finite (see _UNBOUNDED_LOW)
+    high: FloatArray
+
+    @classmethod
+    def of(cls, names: tuple[str, ...]) -> _FeatureLayout:
+        """Work out the layout of ``names``."""
+        bounds = [_finite_bounds(name) for name in names]
+        return cls(
+            names=names,
+            distinct=len(set(names)) == len(names),
+            longest_name_bytes=max((len(name.encode("utf-8")) for name in names), default=0),
+            low=np.array([low for low, _ in bounds], dtype=np.float64),
+            high=np.array([high for _, high in bounds], dtype=np.float64),
+        )
+
+
+_LAYOUTS: dict[tuple[str, ...], _FeatureLayout] = {}
+
+
+def _layout(names: tuple[str, ...]) -> _FeatureLayout:
+    layout = _LAYOUTS.get(names)
+    if layout is None:
+        layout = _FeatureLayout.of(names)
+        if (
+            len(_LAYOUTS) < _MAX_CACHED_LAYOUTS
+            and layout.longest_name_bytes <= _MAX_CACHED_NAME_BYTES
+        ):
+            _LAYOUTS[names] = layout
+    return layout
+
+
+def _feature_bounds(name: str) -> tuple[float | None, float | None]:
+    """The sanity bounds of a feature by its name's unit suffix; (None, None) if it has none."""
+    for suffix, low, high in _FEATURE_BOUNDS:
+        if name.endswith(suffix):
+            return low, high
+    return None, None
+
+
+def _finite_bounds(name: str) -> tuple[float, float]:
+    low, high = _feature_bounds(name)
+    return (
+        _UNBOUNDED_LOW if low is None else low,
+        _UNBOUNDED_HIGH if high is None else high,
+    )
+
+
+@dataclass(frozen=True)
+class _WindowValues:
+    """One GPU window's feature names (as a layout) and values, read from the payload once."""
+
+    layout: _FeatureLayout
+    values: list[float]
+
+    def features(self) -> dict[str, float]:
+        """Name to value; the names are distinct once the values are checked."""
+        return dict(zip(self.layout.names, self.values, strict=True))
+
+
+def _read_windows(evidence: Evidence) -> list[_WindowValues]:
+    windows = []
+    for window in evidence.gpus:
+        # One list of the feature messages, read twice: iterating the repeated field
+        # itself twice would build every message's wrapper twice.
+        features = list(window.features)
+        names = tuple([feature.name for feature in features])
+        windows.append(_WindowValues(_layout(names), [feature.value for feature in features]))
+    return windows
+
+
+def _check_strings(
+    evidence: Evidence, windows: Sequence[_WindowValues], limits: WireLimits
+) -> None:
+    longest_name = max((window.layout.longest_name_bytes for window in windows), default=0)
+    if longest_name > limits.max_string_bytes or any(
+        _longer_than(text, limits.max_string_bytes) for text in _strings(evidence)
+    ):
+        raise AppraisalError(
+            RESOURCE_EXHAUSTED,
+            "string_too_long",
+            f"a string exceeds {limits.max_string_bytes} bytes",
+        )
+
+
+def _longer_than(text: str, max_bytes: int) -> bool:
+    # UTF-8 takes at most 4 bytes a character: most strings need no encoding to tell.
+    return len(text) * 4 > max_bytes and len(text.encode("utf-8")) > max_bytes
 
 
 def _strings(evidence: Evidence) -> Iterable[str]:
@@ -411,9 +521,9 @@ def _strings(evidence: Evidence) -> Iterable[str]:
         yield from (gpu.uuid, gpu.name)
         for mig in gpu.mig_instances:
             yield from (mig.uuid, mig.profile)
+    # Feature names are checked through their layouts (_check_strings).
     for window in evidence.gpus:
         yield window.gpu_uuid
-        yield from (feature.name for feature in window.features)
     for probe in evidence.probes:
         yield from (probe.kind, probe.device, probe.unit, probe.identity)
     for process in evidence.processes:
@@ -452,7 +562,37 @@ def _check_nonce(evidence: Evidence, context: AppraisalContext, now_unix_ns: int
         raise AppraisalError(FAILED_PRECONDITION, "nonce_expired", "nonce expired before use")
 
 
-def _check_values(evidence: Evidence) -> None:
+def _check_values(evidence: Evidence, windows: Sequence[_WindowValues]) -> None:
+    if not _values_pass(evidence, windows):
+        # Something is wrong: find and name it exactly as a check one by one does.
+        _check_values_one_by_one(evidence)
+    for probe in evidence.probes:
+        for value in (probe.achieved_rate, probe.reference_rate, probe.ratio, probe.duration_s):
+            _check_finite_non_negative(f"probe {probe.kind}", value)
+
+
+def _values_pass(evidence: Evidence, windows: Sequence[_WindowValues]) -> bool:
+    """Whether every GPU window passes every check of _check_values_one_by_one, at once.
+
+    One vectorised comparison of all of an envelope's feature values against their
+    layouts' bounds, instead of a Python call per feature.
+    """
+    if len({window.gpu_index for window in evidence.gpus}) != len(windows):
+        return False
+    if not all(window.layout.distinct for window in windows):
+        return False
+    if not windows:
+        return True
+    values = np.fromiter(
+        itertools.chain.from_iterable(window.values for window in windows), dtype=np.float64
+    )
+    low = np.concatenate([window.layout.low for window in windows])
+    high = np.concatenate([window.layout.high for window in windows])
+    # NaN fails both comparisons and +-inf fails a finite bound: no isfinite needed.
+    return bool(np.all((low <= values) & (values <= high)))
+
+
+def _check_values_one_by_one(evidence: Evidence) -> None:
     seen_gpus: set[int] = set()
     for window in evidence.gpus:
         if window.gpu_index in seen_gpus:
@@ -467,9 +607,6 @@ def _check_values(evidence: Evidence) -> None:
             )
         for feature in window.features:
             _check_feature(window.gpu_index, feature.name, feature.value)
-    for probe in evidence.probes:
-        for value in (probe.achieved_rate, probe.reference_rate, probe.ratio, probe.duration_s):
-            _check_finite_non_negative(f"probe {probe.kind}", value)
 
 
 def _check_feature(gpu_index: int, name: str, value: float) -> None:
@@ -477,15 +614,13 @@ def _check_feature(gpu_index: int, name: str, value: float) -> None:
         raise AppraisalError(
             INVALID_ARGUMENT, "non_finite_value", f"GPU {gpu_index} feature {name} is {value}"
         )
-    for suffix, low, high in _FEATURE_BOUNDS:
-        if name.endswith(suffix):
-            if (low is not None and value < low) or (high is not None and value > high):
-                raise AppraisalError(
-                    INVALID_ARGUMENT,
-                    "value_out_of_range",
-                    f"GPU {gpu_index} feature {name}={value} outside [{low}, {high}]",
-                )
-            return
+    low, high = _feature_bounds(name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise AppraisalError(
+            INVALID_ARGUMENT,
+            "value_out_of_range",
+            f"GPU {gpu_index} feature {name}={value} outside [{low}, {high}]",
+        )
 
 
 def _check_finite_non_negative(what: str, value: float) -> None:
@@ -493,22 +628,27 @@ def _check_finite_non_negative(what: str, value: float) -> None:
         raise AppraisalError(INVALID_ARGUMENT, "value_out_of_range", f"{what} value {value}")
 
 
-def _classify_gpus(evidence: Evidence, classifier: Classifier) -> tuple[GpuVerdict, ...]:
-    verdicts = []
-    for window in evidence.gpus:
-        features = {feature.name: feature.value for feature in window.features}
-        verdict, confidence = classifier.classify(features)
-        verdicts.append(
-            GpuVerdict(
-                gpu_index=window.gpu_index,
-                gpu_uuid=window.gpu_uuid,
-                start_unix_ns=evidence.window_start_unix_ns,
-                end_unix_ns=evidence.window_end_unix_ns,
-                sample_count=window.sample_count,
-                features=features,
-                verdict=verdict,
-                confidence=confidence,
-                model_version=classifier.model_version,
-            )
+def _classify_gpus(
+    evidence: Evidence, windows: Sequence[_WindowValues], classifier: Classifier
+) -> tuple[GpuVerdict, ...]:
+    features = [window.features() for window in windows]
+    # All GPU windows of the envelope in one call: the fitted model scores them together.
+    verdicts = classifier.classify_many(features)
+    start, end = evidence.window_start_unix_ns, evidence.window_end_unix_ns
+    model_version = classifier.model_version
+    return tuple(
+        GpuVerdict(
+            gpu_index=window.gpu_index,
+            gpu_uuid=window.gpu_uuid,
+            start_unix_ns=start,
+            end_unix_ns=end,
+            sample_count=window.sample_count,
+            features=window_features,
+            verdict=verdict,
+            confidence=confidence,
+            model_version=model_version,
         )
-    return tuple(verdicts)
+        for window, window_features, (verdict, confidence) in zip(
+            evidence.gpus, features, verdicts, strict=True
+        )
+    )

@@ -9,7 +9,7 @@ so nobody mistakes its verdicts for the real model's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 VERDICTS = ("training", "inference", "idle")
@@ -27,6 +27,10 @@ class Classifier(Protocol):
 
     def classify(self, features: Mapping[str, float]) -> tuple[str, float]:
         """Return (verdict, confidence); verdict is one of VERDICTS."""
+        ...
+
+    def classify_many(self, rows: Sequence[Mapping[str, float]]) -> list[tuple[str, float]]:
+        """``classify`` for each row: the GPU windows of one envelope, scored together."""
         ...
 
 
@@ -53,6 +57,10 @@ class ProvisionalRule:
         if busy >= 0.9 and (spread is None or spread <= 20.0):
             return "training", self._confidence(busy, 0.9)
         return "inference", self._confidence(1.0 - busy, 0.1)
+
+    def classify_many(self, rows: Sequence[Mapping[str, float]]) -> list[tuple[str, float]]:
+        """``classify`` for each row."""
+        return [self.classify(row) for row in rows]
 
     def _confidence(self, value: float, threshold: float) -> float:
         # Further past the threshold means more confident, up to the cap.

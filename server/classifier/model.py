@@ -31,6 +31,7 @@ the field existed were fitted on the agent's default 10 s windows and load as su
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import math
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from proto.errors import GpuattestError
 
@@ -55,6 +57,10 @@ DEFAULT_WINDOW_S = 10.0
 _WINDOW_TOLERANCE_S = 1e-3
 # A window offering none of the model's features is judged by nothing: say so.
 _NO_EVIDENCE = ("idle", 0.0)
+
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.intp]
 
 
 class ModelFormatError(GpuattestError, ValueError):
@@ -93,6 +99,51 @@ class Prediction:
     def p_training(self) -> float:
         """Probability of the training class."""
         return self.probabilities[TRAINING]
+
+
+@dataclass(frozen=True)
+class _StepTables:
+    """Every step function of a model padded into arrays, to score many windows at once.
+
+    ``thresholds[j]`` holds feature j's thresholds, padded with +inf (never below any
+    value, so padding never moves a value to a later interval); ``contributions[j, i]`` is
+    the row of interval ``i`` and ``contributions[j, missing]`` the row for a missing or
+    non-finite value.
+    """
+
+    intercepts: FloatArray  # (classes,)
+    thresholds: FloatArray  # (features, width)
+    contributions: FloatArray  # (features, width + 2, classes)
+    missing: int  # index of the "missing" row in every feature's contributions
+    features: IntArray  # 0 .. features - 1
+
+    @classmethod
+    def build(cls, intercepts: Sequence[float], steps: Sequence[StepFunction]) -> _StepTables:
+        """Pad the step functions of ``steps`` into one table each."""
+        width = max((len(step.thresholds) for step in steps), default=0)
+        thresholds = np.full((len(steps), width), np.inf)
+        contributions = np.zeros((len(steps), width + 2, len(CLASSES)))
+        for j, step in enumerate(steps):
+            thresholds[j, : len(step.thresholds)] = step.thresholds
+            contributions[j, : len(step.contributions)] = step.contributions
+            contributions[j, width + 1] = step.missing
+        return cls(
+            np.array(intercepts), thresholds, contributions, width + 1, np.arange(len(steps))
+        )
+
+    def parts(self, values: FloatArray) -> FloatArray:
+        """Contributions per window, feature and class, of ``values`` (windows x features).
+
+        A new array: the caller may change it.
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            # Rounded to float32 first, as StepFunction.contribution does.
+            rounded = values.astype(np.float32).astype(np.float64)
+        # bisect_left: the number of thresholds strictly below the value.
+        below: IntArray = (self.thresholds[np.newaxis] < rounded[:, :, np.newaxis]).sum(axis=2)
+        interval = np.where(np.isfinite(values), below, self.missing)
+        parts: FloatArray = self.contributions[self.features[np.newaxis, :], interval]
+        return parts
 
 
 def _as_float32(value: float) -> float:
@@ -150,8 +201,7 @@ class StumpModel:
     def predict(self, features: Mapping[str, float]) -> Prediction:
         """Probabilities and label for one window's features."""
         if not any(name in features for name in self.feature_names):
-            label, confidence = _NO_EVIDENCE
-            return Prediction(label, confidence, (1.0, 0.0, 0.0))
+            return _no_evidence()
         probabilities = _softmax(self.logits(features))
         return Prediction(*self._decide(probabilities), probabilities)
 
@@ -159,10 +209,61 @@ class StumpModel:
         """``predict`` for each row."""
         return [self.predict(row) for row in rows]
 
+    def predict_batch(self, rows: Sequence[Mapping[str, float]]) -> list[Prediction]:
+        """``predict`` for each row, the step functions evaluated for all rows at once.
+
+        Gives exactly what :meth:`predict` gives (the same float32 rounding, intervals,
+        summation order, softmax and decision), at a fraction of the cost for the 8 GPU
+        windows of a host: the verifier scores every envelope's windows this way.
+        """
+        return [
+            Prediction(label, confidence, tuple(probabilities))
+            for label, confidence, probabilities in zip(*self._score(rows), strict=True)
+        ]
+
     def classify(self, features: Mapping[str, float]) -> tuple[str, float]:
         """The verifier's hook: (verdict, confidence) for one GPU window."""
         prediction = self.predict(features)
         return prediction.label, round(prediction.confidence, 6)
+
+    def classify_many(self, rows: Sequence[Mapping[str, float]]) -> list[tuple[str, float]]:
+        """``classify`` for each row (all GPU windows of an envelope), as one batch."""
+        labels, confidences, _ = self._score(rows)
+        return [(label, round(c, 6)) for label, c in zip(labels, confidences, strict=True)]
+
+    def _score(
+        self, rows: Sequence[Mapping[str, float]]
+    ) -> tuple[list[str], list[float], list[list[float]]]:
+        """Labels, confidences and probabilities of ``rows``, computed as predict() does."""
+        if not rows:
+            return [], [], []
+        names = self.feature_names
+        values = np.array([[row.get(name, math.nan) for name in names] for row in rows])
+        parts = self._tables.parts(values.reshape(len(rows), len(names)))
+        # Summed in the order logits() sums (intercepts, then features in document order):
+        # cumsum adds sequentially, where sum() would add pairwise and round differently.
+        if names:
+            parts[:, 0, :] += self._tables.intercepts  # intercept + first feature's part
+            logits = np.cumsum(parts, axis=1)[:, -1, :]
+        else:
+            logits = np.tile(self._tables.intercepts, (len(rows), 1))
+        probabilities = _softmax_rows(logits)
+        labels, confidences = self._decide_rows(probabilities)
+        wanted = frozenset(names)
+        for i, row in enumerate(rows):
+            if row.keys().isdisjoint(wanted):
+                labels[i], confidences[i] = _NO_EVIDENCE
+                probabilities[i] = list(_no_evidence().probabilities)
+        return labels, confidences, probabilities
+
+    def _decide_rows(self, probabilities: list[list[float]]) -> tuple[list[str], list[float]]:
+        """``_decide`` for each row of probabilities."""
+        decided = [self._decide(tuple(row)) for row in probabilities]
+        return [label for label, _ in decided], [confidence for _, confidence in decided]
+
+    @functools.cached_property
+    def _tables(self) -> _StepTables:
+        return _StepTables.build(self.intercepts, self.steps)
 
     def _decide(self, probabilities: tuple[float, ...]) -> tuple[str, float]:
         # Calling training is the costly mistake for a compliance team, so it needs
@@ -197,11 +298,23 @@ class StumpModel:
         }
 
 
+def _no_evidence() -> Prediction:
+    label, confidence = _NO_EVIDENCE
+    return Prediction(label, confidence, (1.0, 0.0, 0.0))
+
+
 def _softmax(logits: Sequence[float]) -> tuple[float, ...]:
     top = max(logits)
     exps = [math.exp(v - top) for v in logits]
     total = sum(exps)
     return tuple(v / total for v in exps)
+
+
+def _softmax_rows(logits: FloatArray) -> list[list[float]]:
+    """``_softmax`` of each row, bit for bit: the same exp (math.exp, not numpy's) and sum."""
+    shifted = (logits - logits.max(axis=1, keepdims=True)).tolist()
+    exps = [[math.exp(v) for v in row] for row in shifted]
+    return [[v / total for v in row] for row in exps for total in (sum(row),)]
 
 
 # --- loading --------------------------------------------------------------------------------

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, bindparam, insert, select, tuple_, update
+from sqlalchemy import Connection, bindparam, insert, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError
 
 from server.records import AcceptedEnvelope, GapRecord
 from server.store.errors import StoreError
-from server.store.schema import GAP_KINDS, Agent, Envelope, Gap, GpuWindow, Nonce, Process
+from server.store.features import Layout, layout_of, pack_values
+from server.store.schema import (
+    GAP_KINDS,
+    Agent,
+    Envelope,
+    FeatureLayout,
+    Gap,
+    GpuWindow,
+    Nonce,
+    Process,
+)
 
 _Row = dict[str, Any]
-# Sorted keys: the same features always give the same text. One encoder for every row
-# (json.dumps with arguments builds a new one per call).
-_FEATURES_JSON = json.JSONEncoder(sort_keys=True)
 
 
 def store_fresh(conn: Connection, accepted: Sequence[AcceptedEnvelope]) -> int:
@@ -31,6 +37,7 @@ def store_fresh(conn: Connection, accepted: Sequence[AcceptedEnvelope]) -> int:
         return 0
     require_agents(conn, {envelope.agent_id for envelope in fresh})
     _insert_rows(conn, Envelope, [_envelope_row(envelope) for envelope in fresh])
+    _store_layouts(conn, {layout_of(gpu.features) for e in fresh for gpu in e.gpus})
     # Windows and processes hang off envelopes just inserted: they cannot race another
     # writer, so PostgreSQL may take them by COPY, the bulk of the rows.
     _bulk_rows(conn, GpuWindow, [row for e in fresh for row in _window_rows(e)])
@@ -60,6 +67,35 @@ def _not_yet_stored(
             seen.add(key)
             fresh.append(envelope)
     return fresh
+
+
+def _store_layouts(conn: Connection, layouts: set[Layout]) -> None:
+    """Store the feature layouts not stored yet; refuse an id stored with other names."""
+    if not layouts:
+        return
+    wanted = {layout.layout_id: layout.names_json for layout in layouts}
+    query = select(FeatureLayout.layout_id, FeatureLayout.names_json).where(
+        FeatureLayout.layout_id.in_(wanted)
+    )
+    stored: dict[int, str] = {row.layout_id: row.names_json for row in conn.execute(query)}
+    for layout_id, names_json in stored.items():
+        if names_json != wanted[layout_id]:
+            # 64 bits of SHA-256 of the names: never by chance, so say so loudly.
+            raise StoreError(f"feature layout {layout_id} is stored with other names")
+    missing = [
+        {"layout_id": layout_id, "names_json": names_json}
+        for layout_id, names_json in sorted(wanted.items())
+        if layout_id not in stored
+    ]
+    if missing:
+        # Another replica may be storing the same layout right now: same id, same names.
+        conn.execute(_INSERT_LAYOUT, missing)
+
+
+_INSERT_LAYOUT = text(
+    "INSERT INTO feature_layouts (layout_id, names_json) VALUES (:layout_id, :names_json) "
+    "ON CONFLICT (layout_id) DO NOTHING"
+)
 
 
 def require_agents(conn: Connection, agent_ids: Iterable[str]) -> None:
@@ -258,7 +294,9 @@ def _window_rows(envelope: AcceptedEnvelope) -> list[_Row]:
             "verdict": gpu.verdict,
             "confidence": gpu.confidence,
             "model_version": gpu.model_version,
-            "features_json": _FEATURES_JSON.encode(gpu.features),
+            # Packed, not JSON: formatting the floats as text cost more than storing them.
+            "layout_id": layout_of(gpu.features).layout_id,
+            "feature_values": pack_values(gpu.features),
         }
         for gpu in envelope.gpus
     ]

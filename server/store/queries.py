@@ -9,9 +9,11 @@ from sqlalchemy import Connection, Row, func, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from server.records import WindowRow
-from server.store.schema import Agent, Gap, GpuWindow, Key
+from server.store.features import unpack_features
+from server.store.schema import Agent, FeatureLayout, Gap, GpuWindow, Key
 
-# The columns of a WindowRow that gpu_windows holds; the source comes from its envelope.
+# The columns of a WindowRow that gpu_windows holds, and its layout's names (the query
+# outer-joins feature_layouts on layout_id); the source comes from its envelope.
 WINDOW_COLUMNS = (
     GpuWindow.agent_id,
     GpuWindow.sequence,
@@ -23,12 +25,26 @@ WINDOW_COLUMNS = (
     GpuWindow.confidence,
     GpuWindow.model_version,
     GpuWindow.features_json,
+    GpuWindow.feature_values,
+    FeatureLayout.names_json,
 )
 
 
 def window_row(row: Row[*tuple[Any, ...]]) -> WindowRow:
     """A :class:`WindowRow` from a row of :data:`WINDOW_COLUMNS` plus the envelope's source."""
-    features = json.loads(row.features_json)
+    return _window_row(row, _stored_features(row))
+
+
+def _stored_features(row: Row[*tuple[Any, ...]]) -> dict[str, Any]:
+    if row.features_json is not None:  # stored before migration 0003
+        stored: dict[str, Any] = json.loads(row.features_json)
+        return stored
+    if row.feature_values is None or row.names_json is None:
+        raise ValueError(f"window {row.agent_id}/{row.sequence}/{row.gpu_index} has no features")
+    return unpack_features(row.names_json, row.feature_values)
+
+
+def _window_row(row: Row[*tuple[Any, ...]], features: dict[str, Any]) -> WindowRow:
     return WindowRow(
         agent_id=row.agent_id,
         sequence=row.sequence,

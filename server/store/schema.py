@@ -155,7 +155,24 @@ class GpuWindow(Base):
     verdict: Mapped[str]
     confidence: Mapped[float]
     model_version: Mapped[str]
-    features_json: Mapped[str] = mapped_column(Text())
+    # Rows stored before migration 0003: the features as a JSON object. Since then: NULL,
+    # and the values packed (server.store.features) under the layout of their names.
+    features_json: Mapped[str | None] = mapped_column(Text())
+    layout_id: Mapped[int | None]
+    feature_values: Mapped[bytes | None]
+
+
+class FeatureLayout(Base):
+    """A list of feature names, in order, as GPU windows' packed values follow it.
+
+    The id is derived from the names (:mod:`server.store.features`), so replicas agree on
+    it without coordination; rows are only ever added.
+    """
+
+    __tablename__ = "feature_layouts"
+
+    layout_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    names_json: Mapped[str] = mapped_column(Text())
 
 
 class Process(Base):

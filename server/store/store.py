@@ -43,7 +43,15 @@ from server.store.queries import (
     window_row,
 )
 from server.store.retention import PARTITION_DAYS_AHEAD, MaintenanceReport, maintain_windows
-from server.store.schema import Agent, EnrolToken, Envelope, GpuWindow, Key, Nonce
+from server.store.schema import (
+    Agent,
+    EnrolToken,
+    Envelope,
+    FeatureLayout,
+    GpuWindow,
+    Key,
+    Nonce,
+)
 
 _T = TypeVar("_T")
 # Two verifier replicas storing the same (agent, sequence) at once: the later transaction
@@ -353,11 +361,13 @@ class Store:
             raise ValueError(f"limit must be >= 0, not {limit}")
         query = (
             select(*WINDOW_COLUMNS, Envelope.source)
+            .select_from(GpuWindow)
             .join(
                 Envelope,
                 (Envelope.agent_id == GpuWindow.agent_id)
                 & (Envelope.sequence == GpuWindow.sequence),
             )
+            .outerjoin(FeatureLayout, FeatureLayout.layout_id == GpuWindow.layout_id)
             .where(GpuWindow.start_unix_ns >= since_unix_ns)
             .order_by(GpuWindow.agent_id, GpuWindow.sequence, GpuWindow.gpu_index)
             .limit(limit)

@@ -284,3 +284,112 @@ def test_overlapping_gap_notice_must_chain_from_what_is_stored() -> None:
         "FAILED_PRECONDITION",
         "chain_mismatch",
     )
+
+
+# -- the whole-envelope value check names the same problem a check one by one names ----------
+
+
+def _eight_gpus(bad_gpu: int | None = None, feature: Feature | None = None) -> Evidence:
+    """Eight GPU windows like a real host's; ``feature`` appended to GPU ``bad_gpu``."""
+    message = evidence(1, dsse.GENESIS_HASH)
+    template = message.gpus[0]
+    del message.gpus[:]
+    for index in range(8):
+        window = message.gpus.add()
+        window.CopyFrom(template)
+        window.gpu_index = index
+        if index == bad_gpu and feature is not None:
+            window.features.append(feature)
+    return message
+
+
+def _rejection(message: Evidence) -> AppraisalError:
+    with pytest.raises(AppraisalError) as caught:
+        enrolled().feed(sign(message))
+    return caught.value
+
+
+BAD_VALUES_IN_A_LATER_GPU = [
+    pytest.param(
+        Feature(name="power_mean_w", value=-1.0),
+        "value_out_of_range",
+        "GPU 5 feature power_mean_w=-1.0 outside [0.0, 5000.0]",
+        id="out-of-range",
+    ),
+    pytest.param(
+        Feature(name="x_unbounded", value=-math.inf),
+        "non_finite_value",
+        "GPU 5 feature x_unbounded is -inf",
+        id="infinite-without-bounds",
+    ),
+    pytest.param(
+        Feature(name="busy_frac", value=0.5),
+        "duplicate_feature",
+        "GPU 5 repeats a feature",
+        id="repeated-feature",
+    ),
+]
+
+
+@pytest.mark.parametrize(("feature", "reason", "detail"), BAD_VALUES_IN_A_LATER_GPU)
+def test_a_bad_value_in_the_sixth_gpu_is_named_precisely(
+    feature: Feature, reason: str, detail: str
+) -> None:
+    rejection = _rejection(_eight_gpus(5, feature))
+    assert (rejection.code, rejection.reason, rejection.detail) == (
+        "INVALID_ARGUMENT",
+        reason,
+        detail,
+    )
+
+
+def test_a_gpu_listed_twice_in_eight_is_named() -> None:
+    message = _eight_gpus()
+    message.gpus[6].gpu_index = 2
+    assert _rejection(message).detail == "GPU 2 appears twice"
+
+
+EDGE_VALUES_ACCEPTED = [
+    pytest.param(Feature(name="util_gpu_mean_pct", value=100.0), id="upper-bound-itself"),
+    pytest.param(Feature(name="power_lockstep_corr", value=-1.0), id="lower-bound-itself"),
+    pytest.param(Feature(name="x_unbounded", value=-1.7e308), id="huge-finite-without-bounds"),
+]
+
+
+@pytest.mark.parametrize("feature", EDGE_VALUES_ACCEPTED)
+def test_values_on_the_edges_are_accepted(feature: Feature) -> None:
+    assert isinstance(enrolled().feed(sign(_eight_gpus(3, feature))), appraisal.Accepted)
+
+
+def test_a_feature_name_over_the_string_limit_is_refused() -> None:
+    long_name = Feature(name="x" * 257 + "_pct", value=1.0)
+    assert _rejection(_eight_gpus(1, long_name)).reason == "string_too_long"
+
+
+SUFFIXES = [suffix for suffix, _, _ in appraisal._FEATURE_BOUNDS] + ["_unbounded"]
+
+
+@given(
+    st.lists(
+        st.lists(st.tuples(st.sampled_from(SUFFIXES), st.floats(width=64)), min_size=0, max_size=6),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_the_whole_envelope_check_passes_exactly_when_one_by_one_passes(
+    gpus: list[list[tuple[str, float]]],
+) -> None:
+    message = evidence(1, dsse.GENESIS_HASH)
+    del message.gpus[:]
+    for index, features in enumerate(gpus):
+        window = message.gpus.add(gpu_index=index)
+        for position, (suffix, value) in enumerate(features):
+            window.features.append(Feature(name=f"f{position % 4}{suffix}", value=value))
+    windows = appraisal._read_windows(message)
+    try:
+        appraisal._check_values_one_by_one(message)
+    except AppraisalError:
+        passes_one_by_one = False
+    else:
+        passes_one_by_one = True
+    assert appraisal._values_pass(message, windows) == passes_one_by_one

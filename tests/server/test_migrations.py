@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
 
+from server.records import AcceptedEnvelope, GpuVerdict
 from server.store import Store
 from server.store.engine import alembic_config, create_store_engine, upgrade_to_head
 from server.store.retention import DAY_NS, partition_name
@@ -46,7 +47,10 @@ STORE_TABLES = {
     "processes",
     "gaps",
     "nonces",
+    "feature_layouts",
 }
+# Tables before 0003 added feature_layouts.
+TABLES_BEFORE_0003 = STORE_TABLES - {"feature_layouts"}
 SCHEMA_CHANGING = ("CREATE", "ALTER", "DROP", "INSERT", "UPDATE", "DELETE")
 DAY0 = 20_000 * DAY_NS  # 2024-10-04T00:00Z, a synthetic time
 
@@ -251,8 +255,9 @@ def _insert_windows(engine: Engine, rows: list[dict[str, Any]]) -> None:
     ]
     with engine.begin() as conn:
         conn.execute(insert(agents), [agent])
-        conn.execute(insert(envelopes), envelope_rows)
-        conn.execute(insert(windows), rows)
+        if rows:
+            conn.execute(insert(envelopes), envelope_rows)
+            conn.execute(insert(windows), rows)
 
 
 def _stored_windows(engine: Engine) -> list[tuple[Any, ...]]:
@@ -267,7 +272,7 @@ def test_0002_keeps_the_windows_0001_stored(engine: Engine) -> None:
     _insert_windows(engine, rows)
     before = _stored_windows(engine)
 
-    upgrade_to_head(engine)
+    _migrate(engine, "0002")
 
     assert _stored_windows(engine) == before
     assert len(before) == len(rows)
@@ -291,7 +296,7 @@ def test_downgrading_0002_merges_every_partition_back(url: str, engine: Engine) 
 
     assert _stored_windows(engine) == before
     assert _primary_key(engine, "gpu_windows") == ["agent_id", "sequence", "gpu_index"]
-    assert set(inspect(engine).get_table_names()) == STORE_TABLES | {"alembic_version"}
+    assert set(inspect(engine).get_table_names()) == TABLES_BEFORE_0003 | {"alembic_version"}
 
 
 def test_postgresql_partitions_gpu_windows_by_start_time(postgres_url: str) -> None:
@@ -319,3 +324,60 @@ def test_postgresql_partitions_gpu_windows_by_start_time(postgres_url: str) -> N
     assert (strategy, key) == ("r", "start_unix_ns")  # r: RANGE
     assert default == DEFAULT_WINDOW_PARTITION
     assert partition_name(DAY0) == "gpu_windows_p20241004"
+
+
+# -- 0003: features packed under a layout of their names ---------------------------------------
+
+
+def test_windows_stored_as_json_before_0003_read_the_same_after(url: str, engine: Engine) -> None:
+    _migrate(engine, "0002")
+    _insert_windows(engine, _window_rows(days=2))
+
+    upgrade_to_head(engine)
+
+    with Store.open(url) as store:
+        windows = store.list_windows()
+    assert [w.features for w in windows] == [{"power_mean_w": 250.0}] * 4
+
+
+def _packed_envelope() -> AcceptedEnvelope:
+    """An accepted envelope of agent-a (already in the database) with two synthetic GPUs."""
+    features = {"util_gpu_mean_pct": 97.5, "busy_frac": 0.1 + 0.2, "energy_j": 1e-300}
+    gpus = tuple(
+        GpuVerdict(
+            gpu, f"GPU-synthetic-{gpu}", DAY0, DAY0 + 10**10, 100, features, "idle", 0.5, "m"
+        )
+        for gpu in range(2)
+    )
+    return AcceptedEnvelope(
+        "agent-a",
+        1,
+        b"\x01",
+        bytes(32),
+        bytes(32),
+        "test",
+        DAY0,
+        DAY0,
+        DAY0 + 10**10,
+        "s",
+        b"",
+        gpus=gpus,
+    )
+
+
+def test_downgrading_0003_writes_packed_features_back_as_json(url: str, engine: Engine) -> None:
+    _migrate(engine, "0002")
+    _insert_windows(engine, [])  # the agent only
+    upgrade_to_head(engine)
+    with Store.open(url) as store:
+        store.store_accepted([_packed_envelope()])
+
+    _migrate(engine, "0002", down=True)
+
+    windows = Table("gpu_windows", MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        stored = conn.execute(select(windows.c.features_json)).scalars().all()
+    # As the verifier wrote them before 0003: keys sorted, floats exact.
+    expected = '{"busy_frac": 0.30000000000000004, "energy_j": 1e-300, "util_gpu_mean_pct": 97.5}'
+    assert stored == [expected, expected]
+    assert "feature_layouts" not in inspect(engine).get_table_names()
