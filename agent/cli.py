@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import time
-from collections.abc import Sequence
+import os
+import sys
 from pathlib import Path
 
 import click
 import grpc
 
-from agent.attribution import attribute_processes
 from agent.client import VerifierClient, open_channel
-from agent.collectors import open_collector
-from agent.daemon import AgentDaemon, DaemonOptions
 from agent.identity import default_hostname, enroll, load_identity
-from agent.probes.scheduler import build_prober
-from agent.samples import GpuProcess
+from agent.sampler import exec_argv
 from agent.settings import AgentSettings
-from agent.spool import Spool
 from gpuattest.settings import load_settings
 from proto.errors import GpuattestError
-from proto.evidence_pb2 import ProcessAttribution
-from proto.limits import WireLimits
-
-log = logging.getLogger(__name__)
-SPOOL_FILE = "spool.sqlite"
-MIB = 1024 * 1024
-MAX_CLAIM_BYTES = WireLimits().max_string_bytes
 
 
 class EnrolmentError(GpuattestError):
@@ -73,7 +60,7 @@ def enroll_command(config: Path | None, token: str, **flags: object) -> None:
     hostname = settings.hostname or default_hostname()
 
     async def _enroll() -> str:
-        async with open_channel(settings) as channel:
+        async with open_channel(settings.config()) as channel:
             try:
                 identity = await enroll(
                     VerifierClient(channel), settings.state_dir, token, hostname, settings.verifier
@@ -100,66 +87,15 @@ def enroll_command(config: Path | None, token: str, **flags: object) -> None:
 @click.option("--window", "window_s", type=float, help="window length in seconds (<= 10)")
 @click.option("--exit-when-drained", is_flag=True, default=None)
 def run_command(config: Path | None, **flags: object) -> None:
-    """Sample, sign and send evidence until SIGINT/SIGTERM (or a replay is delivered)."""
+    """Sample, sign and send evidence until SIGINT/SIGTERM (or a replay is delivered).
+
+    Settings are validated here; then this process becomes the sampling daemon
+    (:mod:`agent.sampler`, same PID) so that what stays resident for months is only what
+    sampling needs.
+    """
     settings = load_settings(AgentSettings, config, flags)
-    stats = asyncio.run(run_agent(settings)).stats
-    click.echo(
-        f"windows sealed: {stats.windows_sealed}, envelopes delivered: {stats.envelopes_sent}"
-    )
-
-
-def _fit(text: str) -> str:
-    """Cut a claim to the wire limit on strings (a deep cgroup path can be longer)."""
-    return text.encode()[:MAX_CLAIM_BYTES].decode(errors="ignore")
-
-
-async def run_agent(settings: AgentSettings) -> AgentDaemon:
-    """Run the daemon with everything built from ``settings``; returns it when it stops."""
-    identity, signer = load_identity(settings.state_dir)
-    hostname = settings.hostname or identity.hostname
-    collector = open_collector(settings, hostname=hostname, clock=time.time)
-    spool = Spool(settings.state_dir / SPOOL_FILE, max_bytes=int(settings.spool_max_mb * MIB))
-    proc_root = settings.proc_root
-
-    def attribute(processes: Sequence[GpuProcess]) -> list[ProcessAttribution]:
-        return [
-            ProcessAttribution(
-                gpu_index=item.process.gpu_index,
-                pid=item.process.pid,
-                used_memory_mib=item.process.used_memory_mib,
-                job_kind=str(item.attribution.job_kind),
-                job_id=_fit(item.attribution.job_id),
-                cgroup_path=_fit(item.attribution.cgroup_path),
-                trusted=item.attribution.trusted,
-            )
-            for item in attribute_processes(processes, proc_root)
-        ]
-
-    try:
-        async with open_channel(settings) as channel:
-            daemon = AgentDaemon(
-                identity=identity,
-                signer=signer,
-                collector=collector,
-                prober=build_prober(settings, collector.source),
-                spool=spool,
-                client=VerifierClient(channel),
-                attribute=attribute,
-                options=DaemonOptions(
-                    window_s=settings.window_s,
-                    sample_interval_s=1.0 / settings.sample_hz,
-                    replay_speed=None if collector.source == "nvml" else settings.replay_speed,
-                    process_interval_s=settings.process_interval_s,
-                    batch_size=settings.batch_size,
-                    challenge_interval_s=settings.challenge_interval_s,
-                    exit_when_drained=settings.exit_when_drained,
-                ),
-            )
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, daemon.stop)
-            await daemon.run()
-            return daemon
-    finally:
-        spool.close()
-        collector.close()
+    load_identity(settings.state_dir)  # a missing enrolment is reported before the exec
+    argv = exec_argv(settings.config(), logging.getLogger().getEffectiveLevel())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)  # noqa: S606 - our own interpreter and module, no shell

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from agent.settings import AgentSettings
+from agent.config import AgentConfig
 from proto import verifier_pb2 as pb
 from proto import verifier_pb2_grpc as pb_grpc
 from proto.errors import GpuattestError
@@ -20,7 +20,7 @@ from proto.transport import (
 )
 
 
-def open_channel(settings: AgentSettings, limits: WireLimits | None = None) -> grpc.aio.Channel:
+def open_channel(settings: AgentConfig, limits: WireLimits | None = None) -> grpc.aio.Channel:
     """A channel to the verifier: TLS (mutual when a client cert is set), or loopback plaintext."""
     limits = limits or WireLimits()
     options = [

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
@@ -30,13 +31,16 @@ from agent.client import TRANSIENT_CODES, SubmitRejected, VerifierClient
 from agent.evidence import GpuFeatures, WindowClaims, build_evidence, sign_evidence, sign_gap_notice
 from agent.features import window_features
 from agent.identity import Identity
-from agent.probes.scheduler import ProbeBatch, ProbeScheduler
+from agent.probes.batch import ProbeBatch
 from agent.samples import Collector, GpuDescription, GpuProcess, HostDescription, Tick
 from agent.spool import Spool
 from agent.windows import Window, WindowAssembler, raw_samples_bytes
 from proto.evidence_pb2 import ProcessAttribution
 from proto.limits import WireLimits
 from proto.signing import Signer
+
+if TYPE_CHECKING:  # the scheduler (and pydantic) load only when probes are on
+    from agent.probes.scheduler import ProbeScheduler
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from agent.config import AgentConfig
 from gpuattest.settings import TableSettings
 
 
@@ -61,3 +62,7 @@ class AgentSettings(TableSettings):
     )
     probe_timeout_s: float = Field(120.0, gt=0, description="kill a probe worker after this")
     probe_threads: int = Field(1, ge=1, description="torch threads in the probe worker")
+
+    def config(self) -> AgentConfig:
+        """These settings as the plain configuration the sampling daemon runs with."""
+        return AgentConfig(**self.model_dump())

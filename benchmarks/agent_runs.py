@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from agent.settings import AgentSettings
 from gpuattest.demo import SEALED_LINE, SERVE_LINE
 
 MIB = 1024 * 1024
@@ -133,12 +134,35 @@ def run_agent(
         "--verifier",
         f"127.0.0.1:{port}",
         "--insecure-plaintext",
-        "--replay",
-        str(trace),
-        "--speed",
-        str(speed),
-        "--exit-when-drained",
+        *("--replay", str(trace), "--speed", str(speed), "--exit-when-drained"),
     ]
+    return _watch(command, state_dir, speed=speed, gpus=gpus, env=env)
+
+
+def run_fake_nvml_sampler(state_dir: Path, port: int, *, seconds: float, gpus: int) -> AgentRun:
+    """Run the sampling daemon on a fake NVML (``benchmarks.agent_on_fake_nvml``) in real time
+    for ``seconds``, then stop it with SIGTERM as a service manager would."""
+    settings = AgentSettings(
+        verifier=f"127.0.0.1:{port}",
+        state_dir=state_dir,
+        insecure_plaintext=True,
+        collector="nvml",
+        probes="off",
+    )
+    command = [sys.executable, "-m", "benchmarks.agent_on_fake_nvml", settings.config().to_json()]
+    return _watch(command, state_dir, speed=1.0, gpus=gpus, stop_after_s=seconds)
+
+
+def _watch(
+    command: Sequence[str],
+    state_dir: Path,
+    *,
+    speed: float,
+    gpus: int,
+    env: Mapping[str, str] | None = None,
+    stop_after_s: float | None = None,
+) -> AgentRun:
+    """Run ``command`` (an agent) and sample its memory and CPU until it exits or is stopped."""
     started = time.monotonic()
     with (state_dir / "agent.log").open("w") as log:
         popen = subprocess.Popen(
@@ -151,7 +175,12 @@ def run_agent(
     watched = psutil.Process(popen.pid)
     samples = _Samples()
     while popen.poll() is None:
-        _sample(watched, samples, time.monotonic() - started)
+        now = time.monotonic() - started
+        _sample(watched, samples, now)
+        if stop_after_s is not None and now >= stop_after_s:
+            popen.terminate()
+            popen.wait(timeout=30)
+            break
         time.sleep(SAMPLE_EVERY_S)
     wall = time.monotonic() - started
     stdout = popen.stdout.read() if popen.stdout else ""

@@ -6,10 +6,14 @@
   ``time.process_time`` over replayed GPU-seconds = the fraction of one core per GPU.
   Reading NVML costs CPU too (ioctls into the driver); that could not be measured here.
 * ``agent.rss_mb`` / ``agent.rss_mb_with_probes``: peak resident memory of a real agent
-  process replaying the trace to a real verifier, without and with CPU probe rounds every
-  2 s (each round a separate worker process, whose own peak is in the extra info). The
-  run without probes also gives the CPU figure of a whole agent process (psutil, gRPC
-  sending and the event loop included, start-up excluded) as extra info ``cpu_per_gpu``.
+  process (``gpuattest agent run``, which validates its settings and execs the sampling
+  daemon in its place) replaying the trace to a real verifier, without and with CPU probe
+  rounds every 2 s (each round a separate worker process, whose own peak is in the extra
+  info). The run without probes also gives the CPU figure of a whole agent process (psutil,
+  gRPC sending and the event loop included, start-up excluded) as extra info ``cpu_per_gpu``.
+* ``agent.rss_mb_fake_nvml``: the sampling daemon on the live NVML code path, reading a fake
+  NVML library (eight H100s) in real time at 10 Hz; ``libnvidia-ml.so``'s own memory on a GPU
+  host is not in it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from agent.features import window_features
 from agent.samples import HostDescription
 from agent.spool import Spool
 from agent.windows import Window, WindowAssembler, raw_samples_bytes
-from benchmarks.agent_runs import AgentRun, enrol, run_agent, verifier
+from benchmarks.agent_runs import AgentRun, enrol, run_agent, run_fake_nvml_sampler, verifier
 from benchmarks.conftest import BenchResult, Budget, record
 from proto.signing import Ed25519Signer
 
@@ -142,11 +146,8 @@ def _measure_agent(
         def one_run() -> None:
             state_dir = workdir / f"agent-{len(runs)}"
             enrol(db_url, port, state_dir)
-            entry = ("-m", "benchmarks.agent_with_probes") if probes else ("-m", "gpuattest")
             env = PROBE_ENV if probes else None
-            runs.append(
-                run_agent(state_dir, port, trace, speed=speed, gpus=GPUS, entry=entry, env=env)
-            )
+            runs.append(run_agent(state_dir, port, trace, speed=speed, gpus=GPUS, env=env))
 
         # pytest-benchmark leaves pedantic() unannotated.
         benchmark.pedantic(one_run, rounds=1, iterations=1)  # type: ignore[no-untyped-call]
@@ -193,3 +194,24 @@ def test_agent_rss_mb_with_probes(
     run = _measure_agent(benchmark, tmp_path, rss_trace, budget, probes=True)
     assert run.workers_seen > 0, "no probe worker ran: probes are not wired into the agent"
     _record_rss(benchmark, "agent.rss_mb_with_probes", run)
+
+
+def test_agent_rss_mb_fake_nvml(
+    benchmark: BenchmarkFixture, budget: Budget, tmp_path: Path
+) -> None:
+    runs: list[AgentRun] = []
+    with verifier(tmp_path) as (db_url, port):
+        state_dir = tmp_path / "agent"
+        enrol(db_url, port, state_dir)
+
+        def one_run() -> None:
+            runs.append(
+                run_fake_nvml_sampler(state_dir, port, seconds=budget.agent_run_s, gpus=GPUS)
+            )
+
+        # pytest-benchmark leaves pedantic() unannotated.
+        benchmark.pedantic(one_run, rounds=1, iterations=1)  # type: ignore[no-untyped-call]
+    (run,) = runs
+    assert run.windows_sealed > 0
+    benchmark.extra_info.update(steady_rss_mb=run.steady_rss_mb, windows_sealed=run.windows_sealed)
+    _record_rss(benchmark, "agent.rss_mb_fake_nvml", run)

@@ -990,14 +990,15 @@ class ReplayCollector:
         if math.isnan(speed) or speed < 0:
             raise ValueError(f"replay speed must be >= 0 (0 = as fast as possible), got {speed}")
         self.source = "synthetic-replay" if recording.is_synthetic else "replay"
-        self._recording = recording
         self._speed = math.inf if speed == 0 else speed
-        self._hostname = hostname
-        self._gpu_name = gpu_name
+        self._host = _recorded_host(recording, hostname, gpu_name)
+        # The daemon holds the recording for its whole run: keep it as arrays, not as one
+        # Python object per reading (a 10-minute 8-GPU log is ~20 MB of objects, ~4 MB here).
+        self._ticks = CompactTicks(recording.ticks)
         self._next = 0
         created = clock()
-        ticks = recording.ticks
-        anchor = (ticks[0] if self._speed <= 1 else ticks[-1]).t_unix_s if ticks else created
+        times = self._ticks.times
+        anchor = float(times[0] if self._speed <= 1 else times[-1]) if len(times) else created
         self._offset = created - anchor
 
     @property
@@ -1007,27 +1008,15 @@ class ReplayCollector:
 
     def describe_host(self) -> HostDescription:
         """GPUs of the recording: recorded uuids, else ``replay-gpu-<n>``; no driver facts."""
-        recording = self._recording
-        uuids = recording.gpu_uuids
-        gpus = tuple(
-            GpuDescription(
-                index=index,
-                uuid=_replay_uuid(uuids, position, index),
-                name=self._gpu_name,
-                memory_total_mib=_recorded_memory_total(recording, index),
-            )
-            for position, index in enumerate(recording.gpu_indices)
-        )
-        return HostDescription(hostname=self._hostname, gpus=gpus)
+        return self._host
 
     def read_tick(self) -> Tick | None:
         """The next tick rebased onto the wall clock, or None once the recording is over."""
-        ticks = self._recording.ticks
-        if self._next >= len(ticks):
+        if self._next >= len(self._ticks):
             return None
-        tick = ticks[self._next]
+        tick = self._ticks.tick(self._next, self._offset)
         self._next += 1
-        return Tick(tick.t_unix_s + self._offset, tick.samples)
+        return tick
 
     def pace_delay(self, previous_tick: Tick | None, tick: Tick) -> float:
         """Seconds the daemon should wait before handing on ``tick``: recorded gap / speed."""
@@ -1041,7 +1030,67 @@ class ReplayCollector:
 
     def close(self) -> None:
         """Nothing to release; further reads return None."""
-        self._next = len(self._recording.ticks)
+        self._next = len(self._ticks)
+
+
+class CompactTicks:
+    """A recording's ticks as arrays, rebuilt into :class:`Tick` objects one at a time.
+
+    Values are kept as recorded (float64, so exactly); a field a GPU did not report at a tick
+    is NaN here and absent again from the rebuilt sample (the parser never keeps a NaN
+    reading: it is a glitch, i.e. missing).
+    """
+
+    def __init__(self, ticks: Sequence[Tick]) -> None:
+        slots = sorted({sample.gpu_index for tick in ticks for sample in tick.samples})
+        fields = sorted({name for tick in ticks for s in tick.samples for name in s.values})
+        slot_of = {index: slot for slot, index in enumerate(slots)}
+        field_of = {name: column for column, name in enumerate(fields)}
+        self.times = np.array([tick.t_unix_s for tick in ticks], dtype=np.float64)
+        self._gpu_indices = tuple(slots)
+        self._fields = tuple(fields)
+        self._present = np.zeros((len(ticks), len(slots)), dtype=bool)
+        self._values = np.full((len(ticks), len(slots), len(fields)), np.nan)
+        for row, tick in enumerate(ticks):
+            for sample in tick.samples:
+                slot = slot_of[sample.gpu_index]
+                self._present[row, slot] = True
+                for name, value in sample.values.items():
+                    self._values[row, slot, field_of[name]] = value
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def tick(self, row: int, offset_s: float) -> Tick:
+        """Tick ``row`` with its time moved by ``offset_s``; samples in GPU index order."""
+        samples = tuple(
+            GpuSample(index, self._sample_values(row, slot))
+            for slot, index in enumerate(self._gpu_indices)
+            if self._present[row, slot]
+        )
+        return Tick(float(self.times[row]) + offset_s, samples)
+
+    def _sample_values(self, row: int, slot: int) -> dict[str, float]:
+        readings = self._values[row, slot].tolist()
+        return {
+            name: value
+            for name, value in zip(self._fields, readings, strict=True)
+            if not math.isnan(value)
+        }
+
+
+def _recorded_host(recording: Recording, hostname: str, gpu_name: str) -> HostDescription:
+    uuids = recording.gpu_uuids
+    gpus = tuple(
+        GpuDescription(
+            index=index,
+            uuid=_replay_uuid(uuids, position, index),
+            name=gpu_name,
+            memory_total_mib=_recorded_memory_total(recording, index),
+        )
+        for position, index in enumerate(recording.gpu_indices)
+    )
+    return HostDescription(hostname=hostname, gpus=gpus)
 
 
 def _replay_uuid(uuids: Sequence[str], position: int, index: int) -> str:

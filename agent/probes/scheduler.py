@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from agent.config import AgentConfig
+from agent.probes.batch import ProbeBatch
 from agent.probes.governor import DutyCycleGovernor, GovernorPolicy, Verdict
 from agent.probes.measurement import ALL_KINDS, ProbeKind, ProbeMeasurement
 from agent.probes.reference import probe_result
@@ -38,7 +40,6 @@ from agent.probes.runner import (
     run_worker_async,
 )
 from agent.samples import GpuDescription, HostDescription, Tick
-from agent.settings import AgentSettings
 from proto.evidence_pb2 import ProbeResult
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,6 @@ class ProbePlan:
     threads: int = 1
     timeout_s: float = DEFAULT_TIMEOUT_S
     poll_interval_s: float = 1.0
-
-
-@dataclass(frozen=True)
-class ProbeBatch:
-    """Probe output gathered since the last sealed window."""
-
-    results: tuple[ProbeResult, ...] = ()
-    features: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -229,15 +222,15 @@ class ProbeScheduler:
 
 
 def build_prober(
-    settings: AgentSettings, collector_source: str, clock: Callable[[], float] = time.monotonic
+    settings: AgentConfig, collector_source: str, clock: Callable[[], float] = time.monotonic
 ) -> ProbeScheduler | None:
     """The scheduler ``settings`` ask for, or None when probes are off for this source.
 
     Live NVML sampling probes the GPUs; a replay probes the CPU only with ``probes = "on"``.
     """
-    live = collector_source == "nvml"
-    if settings.probes == "off" or (settings.probes == "auto" and not live):
+    if not settings.probes_enabled(collector_source):
         return None
+    live = collector_source == "nvml"
     plan = ProbePlan(
         device="cuda" if live else "cpu",
         threads=settings.probe_threads,

@@ -115,7 +115,7 @@ async def tls_verifier(
 
 
 async def _results_call(settings: AgentSettings) -> int:
-    async with open_channel(settings) as channel:
+    async with open_channel(settings.config()) as channel:
         response = await VerifierClient(channel, timeout_s=5).list_windows()
         return len(response.windows)
 
@@ -160,7 +160,7 @@ async def test_plaintext_client_cannot_talk_to_tls_verifier(
 )
 def test_plaintext_off_loopback_is_refused_before_connecting(address: str) -> None:
     with pytest.raises(TransportError, match="loopback"):
-        open_channel(AgentSettings(verifier=address, insecure_plaintext=True))
+        open_channel(AgentSettings(verifier=address, insecure_plaintext=True).config())
 
 
 async def test_verifier_refuses_plaintext_off_loopback(tmp_path: Path) -> None:
@@ -187,4 +187,4 @@ async def test_verifier_refuses_plaintext_off_loopback(tmp_path: Path) -> None:
 )
 def test_incomplete_agent_tls_settings_are_refused(settings: AgentSettings, message: str) -> None:
     with pytest.raises(TransportError, match=message):
-        open_channel(settings)
+        open_channel(settings.config())

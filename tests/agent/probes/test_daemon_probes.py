@@ -125,7 +125,7 @@ from agent.settings import AgentSettings
 from tests.agent.probes.test_daemon_probes import HOST, run_daemon
 
 async def main():
-    prober = build_prober(AgentSettings(probes="on"), "synthetic-replay")
+    prober = build_prober(AgentSettings(probes="on").config(), "synthetic-replay")
     await prober.probe_once(HOST)
     evidence = await run_daemon(prober, Path(sys.argv[1]))
     print(json.dumps({

@@ -210,7 +210,7 @@ PLANS = [
 @pytest.mark.parametrize(("probes", "source", "device"), PLANS)
 def test_settings_choose_the_probe_device(probes: str, source: str, device: str | None) -> None:
     settings = AgentSettings(probes=probes)
-    prober = build_prober(settings, source)
+    prober = build_prober(settings.config(), source)
     assert (prober.plan.device if prober else None) == device
 
 
