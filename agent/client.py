@@ -71,7 +71,11 @@ def rejection_from(error: grpc.aio.AioRpcError) -> SubmitRejected:
 
 
 def _decimal(value: object) -> int | None:
-    return int(value) if isinstance(value, str) and value.isdigit() else None
+    # A trailer is the peer's word: ASCII digits only ("²".isdigit() is true, and int()
+    # refuses it) and no longer than a uint64, so int() cannot raise on what it is given.
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value) if len(value) <= MAX_TRAILER_DIGITS else None
+    return None
 
 
 class VerifierClient:
@@ -116,6 +120,8 @@ class VerifierClient:
         return await self._results.ListWindows(request, timeout=self._timeout_s)
 
 
+# Digits of the largest uint64, the widest number a trailer carries (a sequence).
+MAX_TRAILER_DIGITS = 20
 # Verifier reasons that say "not now" rather than "not this".
 TRANSIENT_REASONS = frozenset({"store_unavailable", "overloaded"})
 # Worth retrying as they are: the verifier or the network is briefly unable to answer.

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+from tenacity.wait import wait_base
 
-from agent.client import TRANSIENT_CODES, SubmitRejected, VerifierClient
+from agent.client import TRANSIENT_CODES, SubmitRejected, VerifierClient, rejection_from
 from agent.evidence import GpuFeatures, WindowClaims, build_evidence, sign_evidence, sign_gap_notice
 from agent.features import window_features
 from agent.identity import Identity
@@ -49,6 +50,15 @@ Attributor = Callable[[Sequence[GpuProcess]], list[ProcessAttribution]]
 # Pause after a rejection the agent cannot fix by itself (revoked key, a bug): the
 # operator must act, and hammering the verifier would not help.
 PERMANENT_REJECTION_PAUSE_S = 30.0
+# Back-off between resends of a transiently refused batch: 0.2 s doubling, plus up to 1 s of
+# jitter (tenacity's default) so agents refused together do not return together, up to 30 s.
+RETRY_BACKOFF_FIRST_S = 0.2
+RETRY_BACKOFF_MAX_S = 30.0
+# The verifier's retry-after hint is obeyed up to this much. Its documented hints are 50 ms
+# to 5 s (overloaded) and 1 s (store unavailable), so the cap leaves a busier verifier six
+# times that, yet a buggy or hostile hint (hours, or 2**63 ms) cannot park the sender for
+# longer than the longest back-off it would use anyway in an outage.
+RETRY_AFTER_HINT_MAX_S = RETRY_BACKOFF_MAX_S
 
 
 @dataclass(frozen=True)
@@ -283,7 +293,12 @@ class AgentDaemon:
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_is_transient),
-                wait=wait_exponential_jitter(multiplier=0.2, max=30.0),
+                wait=HintedBackoff(
+                    wait_exponential_jitter(
+                        multiplier=RETRY_BACKOFF_FIRST_S, max=RETRY_BACKOFF_MAX_S
+                    ),
+                    hint_cap_s=RETRY_AFTER_HINT_MAX_S,
+                ),
                 before_sleep=self._count_transient,
             ):
                 with attempt:
@@ -299,9 +314,15 @@ class AgentDaemon:
         self._acknowledge(response.acked_sequence)
         self.stats.envelopes_sent += response.accepted
 
-    def _count_transient(self, retry_state: object) -> None:
+    def _count_transient(self, retry_state: RetryCallState) -> None:
         self.stats.transient_errors += 1
-        log.warning("verifier unreachable; evidence stays spooled and will be resent")
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        log.warning(
+            "verifier unreachable or busy (%s); evidence stays spooled, resent in %.1f s",
+            _refusal_summary(error),
+            retry_state.upcoming_sleep,
+        )
 
     def _acknowledge(self, acked: int) -> None:
         # The verifier's acknowledgement is the truth about where to resume, even if lower
@@ -360,6 +381,45 @@ def _gpu_features(
         GpuFeatures(index, gpus[index].uuid if index in gpus else "", count, features[index])
         for index, count in sorted(counts.items())
     ]
+
+
+class HintedBackoff(wait_base):
+    """A tenacity wait: ``backoff``, or the verifier's retry-after hint when that is longer.
+
+    The hint is the ``gpuattest-retry-after-ms`` trailer of the refusal that ended the
+    attempt, capped at ``hint_cap_s``; a refusal without one waits ``backoff`` alone.
+    """
+
+    def __init__(self, backoff: Callable[[RetryCallState], float], hint_cap_s: float) -> None:
+        self._backoff = backoff
+        self._hint_cap_ms = math.floor(hint_cap_s * 1000)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        """Seconds to wait before the next attempt."""
+        backoff_s = self._backoff(retry_state)
+        outcome = retry_state.outcome
+        hint_ms = retry_after_ms(outcome.exception()) if outcome is not None else None
+        if hint_ms is None:
+            return backoff_s
+        # Capped as an integer: a hint of hundreds of digits would overflow a float.
+        return max(backoff_s, min(hint_ms, self._hint_cap_ms) / 1000)
+
+
+def retry_after_ms(error: BaseException | None) -> int | None:
+    """The verifier's retry-after hint carried by a failed Submit, if it sent one."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        # A transient refusal reaches the sender as the raw gRPC error, trailers and all.
+        return rejection_from(error).retry_after_ms
+    if isinstance(error, SubmitRejected):
+        return error.retry_after_ms
+    return None
+
+
+def _refusal_summary(error: BaseException | None) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        rejection = rejection_from(error)
+        return f"{rejection.code.name} {rejection.reason}".rstrip()
+    return type(error).__name__
 
 
 def _is_transient(error: BaseException) -> bool:

@@ -443,9 +443,9 @@ class AgentDriver:
             if refused is None:
                 retry_s = RETRY_FIRST_S
                 continue
-            # Back off exponentially like the agent daemon, never sooner than the
-            # verifier's hint, with jitter so refused agents do not return all at once.
-            await asyncio.sleep(max(retry_s, refused.hint_s) * random.uniform(0.5, 1.5))
+            # Back off exponentially like the agent daemon, with jitter so refused agents do
+            # not return all at once, but never sooner than the verifier's hint.
+            await asyncio.sleep(max(retry_s * random.uniform(0.5, 1.5), refused.hint_s))
             retry_s = min(2 * retry_s, RETRY_MAX_S)
 
     async def _send(self, first: int, last: int, elapsed_s: float) -> Refusal | None:

@@ -21,11 +21,19 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tenacity import RetryCallState
+from hypothesis import given
+from hypothesis import strategies as st
+from tenacity import AsyncRetrying, RetryCallState
 
 from agent import daemon as daemon_module
 from agent.client import SubmitRejected, VerifierClient
-from agent.daemon import AgentDaemon, DaemonOptions
+from agent.daemon import (
+    RETRY_AFTER_HINT_MAX_S,
+    AgentDaemon,
+    DaemonOptions,
+    HintedBackoff,
+    retry_after_ms,
+)
 from agent.evidence import WindowClaims, build_evidence, sign_evidence
 from agent.identity import Identity
 from agent.samples import GpuDescription, GpuProcess, GpuSample, HostDescription, Tick
@@ -40,6 +48,7 @@ from proto.envelope import (
 )
 from proto.evidence_pb2 import Evidence, GapNotice, ProcessAttribution
 from proto.signing import Ed25519Signer, PublicKey
+from proto.transport import REASON_KEY, RETRY_AFTER_KEY
 from proto.verifier_pb2 import ChallengeResponse, SubmitResponse
 
 AGENT_ID = "agent-under-test"
@@ -230,6 +239,23 @@ def unavailable(code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> grpc.aio
     )
 
 
+def refused(code: grpc.StatusCode, reason: str, retry_after: str | None) -> grpc.aio.AioRpcError:
+    """A "not now" refusal as the verifier sends it: reason and retry-after in the trailers."""
+    trailers = grpc.aio.Metadata((REASON_KEY, reason))
+    if retry_after is not None:
+        trailers.add(RETRY_AFTER_KEY, retry_after)
+    return grpc.aio.AioRpcError(
+        code,
+        initial_metadata=grpc.aio.Metadata(),
+        trailing_metadata=trailers,
+        details="synthetic refusal",
+    )
+
+
+def overloaded(retry_after: str | None) -> grpc.aio.AioRpcError:
+    return refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", retry_after)
+
+
 def rejected(reason: str, acked: int | None, code: grpc.StatusCode) -> SubmitRejected:
     return SubmitRejected(code=code, reason=reason, detail="synthetic", acked_sequence=acked)
 
@@ -313,13 +339,14 @@ class FakeVerifier(VerifierClient):
 
 @dataclass
 class RecordingWait:
-    """Stands in for the exponential back-off: no waiting, but every retry is recorded."""
+    """Stands in for the exponential back-off: a fixed answer, and every retry is recorded."""
 
+    seconds: float = 0.0
     attempts: list[int] = field(default_factory=list)
 
     def __call__(self, retry_state: RetryCallState) -> float:
         self.attempts.append(retry_state.attempt_number)
-        return 0.0
+        return self.seconds
 
 
 # ---- fixtures and helpers ------------------------------------------------------------
@@ -334,6 +361,26 @@ def backoff(monkeypatch: pytest.MonkeyPatch) -> RecordingWait:
 
     monkeypatch.setattr(daemon_module, "wait_exponential_jitter", no_wait)
     return wait
+
+
+@pytest.fixture
+def chosen_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The waits the daemon's sender chose before each retry, without sleeping them."""
+    chosen: list[float] = []
+
+    def recording(
+        backoff: Callable[[RetryCallState], float], hint_cap_s: float
+    ) -> Callable[[RetryCallState], float]:
+        real = HintedBackoff(backoff, hint_cap_s)
+
+        def wait(retry_state: RetryCallState) -> float:
+            chosen.append(real(retry_state))
+            return 0.0
+
+        return wait
+
+    monkeypatch.setattr(daemon_module, "HintedBackoff", recording)
+    return chosen
 
 
 @pytest.fixture
@@ -513,6 +560,115 @@ async def test_transient_errors_are_retried_without_loss_or_duplication(
     # The resend after the lost answer is acknowledged as duplicates, not stored twice.
     assert verifier.duplicates == len(verifier.attempts[2])
     assert spool.acked_sequence() == windows
+
+
+async def test_retry_waits_for_the_verifiers_hint_capped_and_backs_off_without_one(
+    spool: Spool,
+    verifier: FakeVerifier,
+    signer: Ed25519Signer,
+    clock: FakeClock,
+    backoff: RecordingWait,
+    chosen_waits: list[float],
+) -> None:
+    backoff.seconds = 0.25
+    verifier.fail_before = {
+        1: overloaded("750"),  # longer than the back-off: the hint wins
+        2: overloaded("100"),  # shorter: the back-off wins
+        3: unavailable(),  # a transport failure carries no hint
+        4: refused(grpc.StatusCode.UNAVAILABLE, "store_unavailable", "1000"),
+        5: overloaded(str(24 * 3600 * 1000)),  # a day: capped
+    }
+    daemon = make_daemon(ListCollector(replay_ticks(3)), spool, verifier, signer, clock)
+
+    await run_to_end(daemon)
+
+    assert chosen_waits == [0.75, 0.25, 0.25, 1.0, RETRY_AFTER_HINT_MAX_S]
+    assert backoff.attempts == [1, 2, 3, 4, 5]
+    assert daemon.stats.transient_errors == 5
+    assert_complete_chain(verifier.stored, signer.public_key, 3)
+
+
+# ---- the hinted wait on its own ------------------------------------------------------
+
+BACKOFF_S = 0.4  # what the stand-in back-off asks for in the cases below
+HINT_CAP_S = 30.0
+
+
+def failed_attempt(error: BaseException) -> RetryCallState:
+    """Tenacity's state after an attempt that raised ``error``."""
+    state = RetryCallState(AsyncRetrying(), fn=None, args=(), kwargs={})
+    state.set_exception((type(error), error, None))
+    return state
+
+
+def fixed_backoff(seconds: float) -> Callable[[RetryCallState], float]:
+    return lambda retry_state: seconds
+
+
+@dataclass(frozen=True)
+class HintCase:
+    error: BaseException
+    wait_s: float
+
+
+HINT_CASES = {
+    "hint-longer-than-backoff": HintCase(overloaded("2000"), 2.0),
+    "hint-shorter-than-backoff": HintCase(overloaded("50"), BACKOFF_S),
+    "hint-equal-to-backoff": HintCase(overloaded("400"), BACKOFF_S),
+    "zero-hint": HintCase(overloaded("0"), BACKOFF_S),
+    "store-unavailable-hint": HintCase(
+        refused(grpc.StatusCode.UNAVAILABLE, "store_unavailable", "1000"), 1.0
+    ),
+    "no-hint-trailer": HintCase(overloaded(None), BACKOFF_S),
+    "transport-failure-without-trailers": HintCase(unavailable(), BACKOFF_S),
+    "hint-just-under-cap": HintCase(overloaded("29999"), 29.999),
+    "hour-long-hint-capped": HintCase(overloaded("3600000"), HINT_CAP_S),
+    "int64-max-hint-capped": HintCase(overloaded(str(2**63 - 1)), HINT_CAP_S),
+    "hint-wider-than-uint64-ignored": HintCase(overloaded("9" * 5000), BACKOFF_S),
+    "negative-hint-ignored": HintCase(overloaded("-5000"), BACKOFF_S),
+    "fractional-hint-ignored": HintCase(overloaded("1500.5"), BACKOFF_S),
+    "non-ascii-digit-hint-ignored": HintCase(overloaded("\u00b2"), BACKOFF_S),
+    "empty-hint-ignored": HintCase(overloaded(""), BACKOFF_S),
+    "rejection-object-with-hint": HintCase(
+        SubmitRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", "", None, 3000), 3.0
+    ),
+    "not-a-grpc-error": HintCase(RuntimeError("synthetic"), BACKOFF_S),
+}
+
+
+@pytest.mark.parametrize("case", HINT_CASES.values(), ids=HINT_CASES.keys())
+def test_hinted_backoff_waits_the_longer_of_backoff_and_capped_hint(case: HintCase) -> None:
+    wait = HintedBackoff(fixed_backoff(BACKOFF_S), hint_cap_s=HINT_CAP_S)
+
+    assert wait(failed_attempt(case.error)) == pytest.approx(case.wait_s)
+
+
+def test_hinted_backoff_is_the_backoff_when_no_attempt_has_failed() -> None:
+    state = RetryCallState(AsyncRetrying(), fn=None, args=(), kwargs={})
+
+    assert HintedBackoff(fixed_backoff(BACKOFF_S), hint_cap_s=HINT_CAP_S)(state) == BACKOFF_S
+
+
+@given(
+    hint_ms=st.integers(min_value=0, max_value=10**20 - 1),
+    backoff_s=st.floats(min_value=0.0, max_value=60.0),
+)
+def test_hinted_backoff_is_never_sooner_than_either_nor_longer_than_the_cap(
+    hint_ms: int, backoff_s: float
+) -> None:
+    wait = HintedBackoff(fixed_backoff(backoff_s), hint_cap_s=HINT_CAP_S)
+
+    waited = wait(failed_attempt(overloaded(str(hint_ms))))
+
+    assert waited >= backoff_s
+    assert waited >= min(hint_ms / 1000, HINT_CAP_S)
+    assert waited <= max(backoff_s, HINT_CAP_S)
+
+
+def test_retry_after_is_read_from_the_refusal_trailers() -> None:
+    assert retry_after_ms(overloaded("1234")) == 1234
+    assert retry_after_ms(unavailable()) is None
+    assert retry_after_ms(None) is None
 
 
 # ---- the verifier's acknowledgement is the truth ------------------------------------
