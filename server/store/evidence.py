@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, bindparam, insert, select, text, tuple_, update
+from sqlalchemy import Connection, bindparam, case, insert, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError
 
 from server.records import AcceptedEnvelope, GapRecord
@@ -39,12 +40,14 @@ def store_fresh(conn: Connection, accepted: Sequence[AcceptedEnvelope]) -> int:
     _insert_rows(conn, Envelope, [_envelope_row(envelope) for envelope in fresh])
     _store_layouts(conn, {layout_of(gpu.features) for e in fresh for gpu in e.gpus})
     # Windows and processes hang off envelopes just inserted: they cannot race another
-    # writer, so PostgreSQL may take them by COPY, the bulk of the rows.
-    _bulk_rows(conn, GpuWindow, [row for e in fresh for row in _window_rows(e)])
+    # writer, so PostgreSQL may take them by COPY, the bulk of the rows. For the same
+    # reason every window row sent is a row inserted, which the agents' counters add up.
+    windows = [row for e in fresh for row in _window_rows(e)]
+    _bulk_rows(conn, GpuWindow, windows)
     _bulk_rows(conn, Process, [row for e in fresh for row in _process_rows(e)])
     insert_new_gaps(conn, [gap for gap in map(declared_gap, fresh) if gap is not None])
     _burn_nonces(conn, fresh)
-    _advance_agents(conn, fresh)
+    _advance_agents(conn, fresh, Counter(row["agent_id"] for row in windows))
     return len(fresh)
 
 
@@ -206,7 +209,9 @@ def _burn_nonces(conn: Connection, envelopes: Iterable[AcceptedEnvelope]) -> Non
             )
 
 
-def _advance_agents(conn: Connection, envelopes: Iterable[AcceptedEnvelope]) -> None:
+def _advance_agents(
+    conn: Connection, envelopes: Iterable[AcceptedEnvelope], windows_added: Mapping[str, int]
+) -> None:
     newest: dict[str, AcceptedEnvelope] = {}
     last_received: dict[str, int] = {}
     for envelope in envelopes:
@@ -214,26 +219,42 @@ def _advance_agents(conn: Connection, envelopes: Iterable[AcceptedEnvelope]) -> 
         if agent_id not in newest or envelope.sequence > newest[agent_id].sequence:
             newest[agent_id] = envelope
         last_received[agent_id] = max(last_received.get(agent_id, 0), envelope.received_unix_ns)
-    # One executemany per statement rather than two statements per agent.
+    # One statement per agent, in one executemany. By agent id, so two replicas storing
+    # batches of the same agents lock those rows in one order, never crosswise.
     conn.execute(
-        _ADVANCE_CHAIN,
+        _ADVANCE_AGENT,
         [
-            {"b_agent": agent_id, "b_sequence": e.sequence, "b_head": e.chain_head_sha256}
-            for agent_id, e in newest.items()
+            {
+                "b_agent": agent_id,
+                "b_sequence": newest[agent_id].sequence,
+                "b_head": newest[agent_id].chain_head_sha256,
+                "b_now": last_received[agent_id],
+                "b_windows": windows_added.get(agent_id, 0),
+            }
+            for agent_id in sorted(newest)
         ],
     )
-    conn.execute(
-        _TOUCH, [{"b_agent": agent_id, "b_now": now} for agent_id, now in last_received.items()]
-    )
 
 
-# Guarded so a late, lower sequence can never move the chain head backwards.
-_ADVANCE_CHAIN = (
+# The chain head only moves to a higher sequence, so a late, lower one never moves it
+# backwards; last seen never moves backwards either. Every SET reads the row as it was.
+_CHAIN_BEHIND = Agent.acked_sequence < bindparam("b_sequence")
+_ADVANCE_AGENT = (
     update(Agent)
-    .where(Agent.agent_id == bindparam("b_agent"), Agent.acked_sequence < bindparam("b_sequence"))
-    .values(acked_sequence=bindparam("b_sequence"), last_envelope_sha256=bindparam("b_head"))
+    .where(Agent.agent_id == bindparam("b_agent"))
+    .values(
+        acked_sequence=case((_CHAIN_BEHIND, bindparam("b_sequence")), else_=Agent.acked_sequence),
+        last_envelope_sha256=case(
+            (_CHAIN_BEHIND, bindparam("b_head")), else_=Agent.last_envelope_sha256
+        ),
+        last_seen_unix_ns=case(
+            (Agent.last_seen_unix_ns < bindparam("b_now"), bindparam("b_now")),
+            else_=Agent.last_seen_unix_ns,
+        ),
+        windows_stored=Agent.windows_stored + bindparam("b_windows"),
+    )
 )
-# Last seen never moves backwards either.
+# Alone (a call that stores nothing): last seen never moves backwards.
 _TOUCH = (
     update(Agent)
     .where(Agent.agent_id == bindparam("b_agent"), Agent.last_seen_unix_ns < bindparam("b_now"))

@@ -125,10 +125,13 @@ def _insert_chunk(conn: Connection, shape: Shape, first: int, last: int) -> None
         "prefix": AGENT_PREFIX,
     }
     agent = "(:prefix || lpad(a::text, 6, '0'))"
+    # Every agent gets all its windows below, so its counter is known up front.
     conn.execute(
         text(
-            f"INSERT INTO agents SELECT {agent}, 'populate-host-' || a, :start, :sequences, "  # noqa: S608
-            "sha256(a::text::bytea), :start + :sequences * :interval "
+            "INSERT INTO agents (agent_id, hostname, enrolled_unix_ns, acked_sequence, "  # noqa: S608
+            "last_envelope_sha256, last_seen_unix_ns, windows_stored) "
+            f"SELECT {agent}, 'populate-host-' || a, :start, :sequences, "
+            "sha256(a::text::bytea), :start + :sequences * :interval, :sequences * :gpus "
             "FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) a"
         ),
         bounds,

@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 from sqlalchemy import Connection, Row, func, select
-from sqlalchemy.orm import InstrumentedAttribute
 
 from server.records import WindowRow
 from server.store.features import unpack_features
@@ -74,12 +73,6 @@ def current_keys(conn: Connection) -> dict[str, tuple[str, bool]]:
         if held is None or not revoked or held[1]:
             current[agent_id] = (key_id, revoked)
     return current
-
-
-def count_by_agent(conn: Connection, agent_column: InstrumentedAttribute[str]) -> dict[str, int]:
-    """Rows per agent in the table of ``agent_column`` (agents without rows are absent)."""
-    query = select(agent_column, func.count()).group_by(agent_column)
-    return dict(conn.execute(query).all())
 
 
 def open_or_lost_gaps_by_agent(conn: Connection) -> dict[str, int]:

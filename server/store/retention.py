@@ -7,6 +7,8 @@ partitions of the coming days (moving any rows the default partition holds for a
 that day's new partition) and, when a retention is set, drops whole day partitions that
 ended before the cutoff: no row-by-row delete, no table bloat. SQLite has no partitions;
 there retention deletes the old rows in short batches so ingest is never locked out long.
+Either way the agents' ``windows_stored`` counters drop by what each agent lost, in the
+transaction that removes the windows.
 
 Retention covers the per-GPU windows only. The signed envelopes (the evidence an auditor
 verifies) and their process rows are kept: their key (agent, sequence) must stay unique
@@ -20,12 +22,13 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, bindparam, text, update
 
-from server.store.schema import DEFAULT_WINDOW_PARTITION, WINDOW_PARTITION_PREFIX
+from server.store.schema import DEFAULT_WINDOW_PARTITION, WINDOW_PARTITION_PREFIX, Agent
 
 DAY_NS = 86_400 * 1_000_000_000
 # Partitions are created this many days ahead of today, so a missed maintenance run or two
@@ -153,30 +156,73 @@ def _expire_partitions(writer: Engine, cutoff: int) -> tuple[tuple[str, ...], in
         if day + DAY_NS <= cutoff:
             with writer.begin() as conn:
                 _set_lock_timeout(conn)
-                conn.exec_driver_sql(f"DROP TABLE {name}")
+                _drop_partition(conn, name)
             dropped.append(name)
     with writer.begin() as conn:
-        deleted = conn.execute(
-            text(f"DELETE FROM {DEFAULT_WINDOW_PARTITION} WHERE start_unix_ns < :cutoff"),  # noqa: S608
+        gone = conn.execute(
+            text(
+                f"WITH gone AS (DELETE FROM {DEFAULT_WINDOW_PARTITION} "  # noqa: S608
+                "WHERE start_unix_ns < :cutoff RETURNING agent_id) "
+                "SELECT agent_id, count(*) FROM gone GROUP BY agent_id"
+            ),
             {"cutoff": cutoff},
-        ).rowcount
-    return tuple(dropped), deleted
+        )
+        removed = {str(agent_id): int(count) for agent_id, count in gone}
+        _subtract_windows_stored(conn, removed)
+    return tuple(dropped), sum(removed.values())
+
+
+def _drop_partition(conn: Connection, name: str) -> None:
+    # Inserts into the partition (late windows of an old day) wait from the lock to the
+    # commit, so the count is exactly what the drop removes; readers are not held up. The
+    # mode conflicts with itself: two maintenance runs take turns instead of deadlocking.
+    conn.exec_driver_sql(f"LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE")
+    counts = conn.execute(text(f"SELECT agent_id, count(*) FROM {name} GROUP BY agent_id"))  # noqa: S608
+    removed = {str(agent_id): int(count) for agent_id, count in counts}
+    conn.exec_driver_sql(f"DROP TABLE {name}")
+    _subtract_windows_stored(conn, removed)
 
 
 def _delete_in_batches(writer: Engine, cutoff: int) -> int:
     deleted = 0
     while True:
         with writer.begin() as conn:
-            batch = conn.execute(
+            # SQLite >= 3.35 (RETURNING): the agents whose counters drop with this batch.
+            agent_ids = conn.execute(
                 text(
                     "DELETE FROM gpu_windows WHERE rowid IN (SELECT rowid FROM gpu_windows "
-                    "WHERE start_unix_ns < :cutoff LIMIT :batch)"
+                    "WHERE start_unix_ns < :cutoff LIMIT :batch) RETURNING agent_id"
                 ),
                 {"cutoff": cutoff, "batch": SQLITE_DELETE_BATCH},
-            ).rowcount
+            ).scalars()
+            removed = Counter(str(agent_id) for agent_id in agent_ids)
+            _subtract_windows_stored(conn, removed)
+        batch = sum(removed.values())
         deleted += batch
         if batch < SQLITE_DELETE_BATCH:
             return deleted
+
+
+def _subtract_windows_stored(conn: Connection, removed: Mapping[str, int]) -> None:
+    """Take the windows each agent of ``removed`` lost off its ``windows_stored`` counter.
+
+    Call it in the transaction that deleted them. Agents are updated by id, the order the
+    ingest path locks them in.
+    """
+    rows = [
+        {"b_agent": agent_id, "b_removed": count}
+        for agent_id, count in sorted(removed.items())
+        if count
+    ]
+    if rows:
+        conn.execute(_SUBTRACT_WINDOWS, rows)
+
+
+_SUBTRACT_WINDOWS = (
+    update(Agent)
+    .where(Agent.agent_id == bindparam("b_agent"))
+    .values(windows_stored=Agent.windows_stored - bindparam("b_removed"))
+)
 
 
 def _day_partitions(conn: Connection) -> dict[int, str]:

@@ -94,6 +94,9 @@ class Agent(Base):
     acked_sequence: Mapped[int]
     last_envelope_sha256: Mapped[bytes]
     last_seen_unix_ns: Mapped[int]  # 0: never
+    # GPU windows of this agent in gpu_windows, kept by whatever inserts or deletes them in
+    # the same transaction, so the per-agent summary need not count millions of rows.
+    windows_stored: Mapped[int] = mapped_column(server_default="0")
 
 
 class Key(Base):

@@ -37,7 +37,6 @@ from server.store.evidence import (
 )
 from server.store.queries import (
     WINDOW_COLUMNS,
-    count_by_agent,
     current_keys,
     open_or_lost_gaps_by_agent,
     window_row,
@@ -324,15 +323,19 @@ class Store:
         """Every enrolled agent, by agent id, with its current key and stored counts.
 
         The key shown is the newest unrevoked one (``revoked`` False), or when every key is
-        revoked the newest one (``revoked`` True).
+        revoked the newest one (``revoked`` True). Windows stored come from each agent's
+        counter, kept by ingest and retention, so this reads no window rows.
         """
         agents_query = select(
-            Agent.agent_id, Agent.hostname, Agent.acked_sequence, Agent.last_seen_unix_ns
+            Agent.agent_id,
+            Agent.hostname,
+            Agent.acked_sequence,
+            Agent.last_seen_unix_ns,
+            Agent.windows_stored,
         ).order_by(Agent.agent_id)
         with self._engine.connect() as conn:
             agents = conn.execute(agents_query).all()
             keys = current_keys(conn)
-            windows = count_by_agent(conn, GpuWindow.agent_id)
             gaps = open_or_lost_gaps_by_agent(conn)
         return [
             AgentSummary(
@@ -341,7 +344,7 @@ class Store:
                 key_id=keys.get(agent.agent_id, ("", True))[0],
                 revoked=keys.get(agent.agent_id, ("", True))[1],
                 acked_sequence=agent.acked_sequence,
-                windows_stored=windows.get(agent.agent_id, 0),
+                windows_stored=agent.windows_stored,
                 gaps=gaps.get(agent.agent_id, 0),
                 last_seen_unix_ns=agent.last_seen_unix_ns,
             )

@@ -30,7 +30,7 @@ from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
 from server.records import AcceptedEnvelope, GpuVerdict
 from server.store import Store
 from server.store.engine import alembic_config, create_store_engine, upgrade_to_head
-from server.store.retention import DAY_NS, partition_name
+from server.store.retention import DAY_NS, create_window_partitions, partition_name
 from server.store.schema import (
     DEFAULT_WINDOW_PARTITION,
     Base,
@@ -381,3 +381,49 @@ def test_downgrading_0003_writes_packed_features_back_as_json(url: str, engine: 
     expected = '{"busy_frac": 0.30000000000000004, "energy_j": 1e-300, "util_gpu_mean_pct": 97.5}'
     assert stored == [expected, expected]
     assert "feature_layouts" not in inspect(engine).get_table_names()
+
+
+# -- 0004: a per-agent counter of stored windows ------------------------------------------------
+
+
+def _agent_columns(engine: Engine) -> set[str]:
+    return {column["name"] for column in inspect(engine).get_columns("agents")}
+
+
+def test_0004_backfills_each_agents_window_counter(engine: Engine) -> None:
+    _migrate(engine, "0003")
+    _insert_windows(engine, _window_rows(days=3))
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO agents (agent_id, hostname, enrolled_unix_ns, acked_sequence, "
+                "last_envelope_sha256, last_seen_unix_ns) VALUES ('agent-b', 'host-b', 0, 0, "
+                ":genesis, 0)"
+            ),
+            {"genesis": bytes(32)},
+        )
+    if engine.dialect.name == "postgresql":
+        # Two days' rows move to their partitions; the third day's stay in the default one.
+        create_window_partitions(engine, [DAY0, DAY0 + DAY_NS])
+
+    _migrate(engine, "0004")
+
+    with engine.connect() as conn:
+        counters = conn.execute(text("SELECT agent_id, windows_stored FROM agents")).all()
+    assert sorted(tuple(row) for row in counters) == [("agent-a", 6), ("agent-b", 0)]
+
+
+def test_0004_counts_on_from_the_backfill_and_its_downgrade_drops_the_counter(
+    url: str, engine: Engine
+) -> None:
+    _migrate(engine, "0003")
+    _insert_windows(engine, [])  # the agent only
+    with Store.open(url) as store:
+        store.store_accepted([_packed_envelope()])
+        [agent] = store.list_agents()
+    assert agent.windows_stored == 2
+
+    _migrate(engine, "0003", down=True)
+
+    assert "windows_stored" not in _agent_columns(engine)
+    assert _stored_windows(engine) != []  # the windows stay

@@ -714,6 +714,137 @@ def test_list_windows_refuses_a_negative_limit(enrolled: Store) -> None:
         enrolled.list_windows(limit=-1)
 
 
+# -- the per-agent window counter ---------------------------------------------------------------
+
+# Each agent's counter beside a real count of its windows.
+_COUNTER_AND_COUNT = (
+    "SELECT a.agent_id, a.windows_stored, "
+    "(SELECT count(*) FROM gpu_windows w WHERE w.agent_id = a.agent_id) "
+    "FROM agents a ORDER BY a.agent_id"
+)
+
+
+def _windows_counted(store_url: str) -> dict[str, int]:
+    """Each agent's windows_stored, after checking it against a COUNT of its windows."""
+    rows = _rows(store_url, _COUNTER_AND_COUNT)
+    assert [(agent, counter) for agent, counter, _ in rows] == [
+        (agent, count) for agent, _, count in rows
+    ]
+    return {agent: counter for agent, counter, _ in rows}
+
+
+def test_the_counter_adds_only_windows_actually_stored(enrolled: Store, store_url: str) -> None:
+    enrolled.store_accepted([_envelope("agent-a", 1, gpus=3), _envelope("agent-a", 2, gpus=3)])
+    assert _windows_counted(store_url) == {"agent-a": 6, "agent-b": 0}
+
+    # A resend, and a batch repeating stored and new envelopes (one of them twice).
+    enrolled.store_accepted([_envelope("agent-a", 1, gpus=3), _envelope("agent-a", 2, gpus=3)])
+    enrolled.store_accepted(
+        [_envelope("agent-a", 2, gpus=3), _envelope("agent-b", 1), _envelope("agent-b", 1)]
+    )
+
+    assert _windows_counted(store_url) == {"agent-a": 6, "agent-b": 2}
+
+
+def test_a_failed_store_counts_nothing(enrolled: Store, store_url: str) -> None:
+    enrolled.store_accepted([_envelope("agent-a", 1)])
+    one_gpu_twice = replace(_envelope("agent-a", 3), gpus=(_gpu(0, 3), _gpu(0, 3)))
+
+    with pytest.raises(StoreError):
+        enrolled.store_accepted([_envelope("agent-a", 2), one_gpu_twice])
+
+    assert _windows_counted(store_url) == {"agent-a": 2, "agent-b": 0}
+
+
+def test_gap_notices_and_envelopes_without_gpus_count_no_windows(
+    enrolled: Store, store_url: str
+) -> None:
+    enrolled.store_accepted([_envelope("agent-a", 1, gpus=0), _gap_notice("agent-a", 2, 4)])
+
+    assert _windows_counted(store_url) == {"agent-a": 0, "agent-b": 0}
+
+
+_BATCHES = st.lists(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["agent-a", "agent-b"]),
+            st.integers(min_value=1, max_value=12),
+            st.integers(min_value=0, max_value=4),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(batches=_BATCHES)
+def test_the_counter_always_equals_a_count_of_the_windows(
+    enrolled: Store, store_url: str, batches: list[list[tuple[str, int, int]]]
+) -> None:
+    # Examples share the database: later ones mostly resend what earlier ones stored.
+    for batch in batches:
+        enrolled.store_accepted([_envelope(a, n, gpus=gpus) for a, n, gpus in batch])
+
+        counted = _windows_counted(store_url)
+        assert {a.agent_id: a.windows_stored for a in enrolled.list_agents()} == counted
+
+
+def test_list_agents_reads_the_counter_not_the_windows(enrolled: Store, store_url: str) -> None:
+    enrolled.store_accepted([_envelope("agent-a", 1)])
+    engine = create_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE agents SET windows_stored = 12345 WHERE agent_id = 'agent-a'")
+            )
+    finally:
+        engine.dispose()
+
+    summaries = {agent.agent_id: agent.windows_stored for agent in enrolled.list_agents()}
+
+    assert summaries == {"agent-a": 12345, "agent-b": 0}
+
+
+def test_two_replicas_storing_the_same_envelopes_count_each_window_once(
+    enrolled: Store, store_url: str
+) -> None:
+    rounds = 5
+    batches = [
+        [
+            _envelope(agent, 4 * round_ + n, gpus=3)
+            for n in range(4)
+            for agent in ("agent-a", "agent-b")
+        ]
+        for round_ in range(rounds)
+    ]
+    # Two stores on one database: two verifier processes, each sent the same envelopes
+    # (an agent resending to the other replica after a timeout).
+    with Store.open(store_url) as rival:
+        stored = [sum(_race_to_store(enrolled, rival, batch)) for batch in batches]
+
+    assert stored == [8] * rounds
+    assert _windows_counted(store_url) == {"agent-a": 3 * 4 * rounds, "agent-b": 3 * 4 * rounds}
+
+
+def _race_to_store(first: Store, second: Store, batch: list[AcceptedEnvelope]) -> list[int]:
+    start = threading.Barrier(2)
+
+    def attempt(store: Store) -> int:
+        start.wait()
+        return store.store_accepted(batch)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes = [pool.submit(attempt, first), pool.submit(attempt, second)]
+        return [outcome.result() for outcome in outcomes]
+
+
 # -- SQLite specifics ---------------------------------------------------------------------------
 
 
