@@ -683,3 +683,73 @@ def _util_busy_cold_frac(series: GpuSeries, gpu: GpuDescription) -> float | None
     busy = grid.util_pct[both] >= _BUSY_COLD_UTIL_PCT
     cold = grid.power_w[both] <= _BUSY_COLD_TDP_FRAC * sku.tdp_w
     return float(np.count_nonzero(busy & cold)) / float(np.count_nonzero(both))
+
+
+# --- how utilization moves while the GPU works (issue 3, model v2) -------------------------------
+#
+# The utilization counter reports the share of its own sample period (1/6 s to 1 s, by product)
+# in which some kernel ran. A training step of a fraction of a second has its host-side gaps
+# (optimizer step, data loading, launch overhead) at fixed points of the step, so each counter
+# period catches a different slice of it: the reading hops by a few points from one instant to
+# the next (86, 96, 89, ...) although the GPU never stops working. A serving engine runs decode
+# steps of a few tens of milliseconds, many per counter period, so the same gaps average out
+# and the reading stays within a point or two (89, 90, 91). The hops are the iteration rhythm
+# aliased into the counter: visible even where the driver averages power over a second.
+
+# Whole-percent readings differ by 1 through rounding alone.
+_JITTER_MIN_STEP_PCT = 2.0
+# A larger move is a change of phase (a request burst ends, a sync begins), not jitter.
+_JITTER_MAX_STEP_PCT = 15.0
+# Utilization pinned while the board draws more than a spin-wait does.
+_SATURATED_WARM_TDP_FRAC = _BUSY_COLD_TDP_FRAC
+
+
+def _busy_grid_util(series: GpuSeries) -> FloatArray:
+    """Grid utilization with the instants where the GPU was not busy (< 50 %) set to NaN."""
+    util = _common_grid(series).util_pct
+    busy: FloatArray = np.where(util >= _BUSY_UTIL_PCT, util, math.nan)
+    return busy
+
+
+@register_feature("util_busy_jitter_frac")
+def _util_busy_jitter_frac(series: GpuSeries, gpu: GpuDescription) -> float | None:
+    """Share of adjacent busy grid instants between which utilization hops by 2-15 points.
+
+    Pairs where either instant is not busy (or holds no reading) do not count; None with
+    fewer than three busy pairs.
+    """
+    steps = np.abs(np.diff(_busy_grid_util(series)))
+    steps = steps[np.isfinite(steps)]
+    if steps.size < _MIN_GRID_POINTS - 1:
+        return None
+    hops = (steps >= _JITTER_MIN_STEP_PCT) & (steps <= _JITTER_MAX_STEP_PCT)
+    return float(np.count_nonzero(hops)) / steps.size
+
+
+@register_feature("util_busy_mad_pct")
+def _util_busy_mad_pct(series: GpuSeries, gpu: GpuDescription) -> float | None:
+    """Median absolute deviation of utilization over the busy grid instants (robust spread)."""
+    util = _grid_values(_busy_grid_util(series))
+    if util is None:
+        return None
+    centre = _quantile(util, 0.5)
+    return _quantile(np.abs(util - centre), 0.5)
+
+
+@register_feature("util_saturated_warm_frac")
+def _util_saturated_warm_frac(series: GpuSeries, gpu: GpuDescription) -> float | None:
+    """Share of the window with utilization >= 98 % and power above 35 % of the SKU's TDP.
+
+    The counterpart of ``util_busy_cold_frac``: a queue that never drains while the board
+    does real work. Training pins utilization mostly while ranks wait in a collective (cold);
+    a serving engine with asynchronous scheduling keeps a kernel queued all the time at
+    working power. None for an unknown SKU.
+    """
+    sku = sku_for(gpu.name, gpu.memory_total_mib)
+    grid = _common_grid(series)
+    both = np.isfinite(grid.util_pct) & np.isfinite(grid.power_w)
+    if sku is None or np.count_nonzero(both) < _MIN_GRID_POINTS:
+        return None
+    pinned = grid.util_pct[both] >= _SATURATED_UTIL_PCT
+    warm = grid.power_w[both] > _SATURATED_WARM_TDP_FRAC * sku.tdp_w
+    return float(np.count_nonzero(pinned & warm)) / float(np.count_nonzero(both))

@@ -199,9 +199,20 @@ def fit_command(data_dir: Path, out: Path, seed: int, window_s: float) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="write the held-out figures (PNG) into this folder",
 )
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="model whose step functions the figures show (default: the packaged one)",
+)
 @_window_option
 def evaluate_command(
-    data_dir: Path, seed: int, as_json: bool, figures: Path | None, window_s: float
+    data_dir: Path,
+    seed: int,
+    as_json: bool,
+    figures: Path | None,
+    model_path: Path | None,
+    window_s: float,
 ) -> None:
     """Leave-one-recording-out evaluation of the fitting procedure on DATA_DIR."""
     from server.classifier.evaluate import leave_one_recording_out, load_data, report_markdown
@@ -217,8 +228,8 @@ def evaluate_command(
     if figures is not None:
         from server.classifier.figures import write_figures
 
-        packaged = packaged_model_path()
-        model = load_model(packaged) if packaged is not None else None
+        shown = model_path if model_path is not None else packaged_model_path()
+        model = load_model(shown) if shown is not None else None
         if model is not None and model.window_s != window_s:
             model = None  # its step figure describes other windows than these
         for path in write_figures(evaluation, data, figures, model):

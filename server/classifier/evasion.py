@@ -150,17 +150,33 @@ def period_jitter(
 def inference_bursts(
     ticks: Sequence[Tick], rng: np.random.Generator, share: float, tdp_w: float
 ) -> list[Tick]:
-    """Replace ``share`` of the time with bursty, request-driven looking load (1-4 s bursts)."""
+    """Replace ``share`` of the time with request-driven looking load (1-4 s bursts).
+
+    Each burst holds one load level, as a serving engine's utilization does between
+    arrivals (it reads steady within a point or two in real serving logs, see
+    ``util_busy_jitter_frac``); one burst in five is a gap between requests.
+    """
     times = np.array([tick.t_unix_s for tick in ticks])
     mask = _mask_segments(times, rng, share, 1.0, 4.0)
+    # A new segment starts wherever the mask switches on.
+    segment = np.cumsum(mask & ~np.concatenate(([False], mask[:-1])))
+    levels: dict[int, tuple[float, float]] = {}
     out = []
-    for tick, hit in zip(ticks, mask, strict=True):
+    for tick, hit, index in zip(ticks, mask, segment, strict=True):
         if not hit:
             out.append(tick)
             continue
-        busy = rng.random() < 0.8
-        util = float(rng.uniform(60.0, 97.0)) if busy else 0.0
-        power = tdp_w * float(rng.uniform(0.3, 0.7) if busy else _IDLE_TDP_FRAC)
+        if int(index) not in levels:
+            busy = rng.random() < 0.8
+            levels[int(index)] = (
+                float(rng.uniform(60.0, 97.0)) if busy else 0.0,
+                tdp_w * float(rng.uniform(0.3, 0.7) if busy else _IDLE_TDP_FRAC),
+            )
+        util, power = levels[int(index)]
+        if util > 0.0:
+            # Whole-percent readings wobble by a point; power follows the batch a little.
+            util = min(100.0, util + float(rng.integers(-1, 2)))
+            power *= 1.0 + 0.03 * float(rng.standard_normal())
         out.append(_replace(tick, None, util_gpu_pct=util, power_w=power))
     return out
 

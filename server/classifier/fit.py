@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 FloatArray = npt.NDArray[np.float64]
 
-MODEL_NAME = "gpuattest-classifier-v1"
+MODEL_NAME = "gpuattest-classifier-v2"
 MODEL_FEATURES: tuple[str, ...] = (
     "busy_frac",
     "idle_frac",
@@ -51,9 +51,18 @@ MODEL_FEATURES: tuple[str, ...] = (
     "power_rel_peak_frac",
     "power_tdp_frac",
     "util_busy_cold_frac",
+    # v2: how utilization moves while busy (the iteration rhythm aliased into the counter) and
+    # pinned-but-warm utilization; they catch the compute phase of training within one window.
+    "util_busy_jitter_frac",
+    "util_busy_mad_pct",
+    "util_saturated_warm_frac",
 )
 # Need the GPU model (SKU); an nvidia-smi log replayed offline may not say which it is.
-OPTIONAL_FEATURES: tuple[str, ...] = ("power_tdp_frac", "util_busy_cold_frac")
+OPTIONAL_FEATURES: tuple[str, ...] = (
+    "power_tdp_frac",
+    "util_busy_cold_frac",
+    "util_saturated_warm_frac",
+)
 # Every model feature is >= 0, so this value can only mean "the window lacks the feature".
 MISSING_SENTINEL = -1.0
 

@@ -49,7 +49,7 @@ from proto.errors import GpuattestError
 FORMAT = "gpuattest-classifier/1"
 CLASSES = ("idle", "inference", "training")
 TRAINING = CLASSES.index("training")
-DEFAULT_MODEL_RESOURCE = "gpuattest-classifier-v1.json"
+DEFAULT_MODEL_RESOURCE = "gpuattest-classifier-v2.json"
 # What every model was fitted on before documents recorded it: the agent's default window.
 DEFAULT_WINDOW_S = 10.0
 # Window edges are multiples of the length on the agent's clock and travel as integer

@@ -60,6 +60,10 @@ GRID_FEATURES = {
     "power_rel_peak_frac",
     "power_tdp_frac",
     "power_rhythm_periodicity",
+    # Model v2: how utilization moves while busy, pinned-but-warm utilization.
+    "util_busy_jitter_frac",
+    "util_busy_mad_pct",
+    "util_saturated_warm_frac",
 }
 ALL_FEATURES = INITIAL_FEATURES | GRID_FEATURES
 H100 = GpuDescription(index=0, name="NVIDIA H100 80GB HBM3", power_limit_w=700.0)
@@ -632,3 +636,84 @@ def test_subsampling_10_hz_to_4_hz_barely_moves_the_grid_features(
     slow = grid_result(t[keep], power_w=power[keep], util_gpu_pct=util[keep])
     for name in ("util_saturated_frac", "power_rel_spread_frac", "power_tdp_frac"):
         assert slow[name] == pytest.approx(full[name], abs=0.2), name
+
+
+# --- how utilization moves while busy (model v2, known answers) ----------------------------------
+
+
+def hopping(levels: tuple[float, ...], hold_s: float = 0.5, seconds: float = 10.0) -> np.ndarray:
+    """Utilization cycling through ``levels``, each held ``hold_s`` (sampled at 10 Hz).
+
+    Levels change a quarter hold before each multiple of ``hold_s``, so every 0.5 s grid
+    instant sees one level clearly (no rounding of sample times at the edge).
+    """
+    t = ten_hz(seconds)
+    index = np.floor((t + hold_s / 4.0) / hold_s).astype(int) % len(levels)
+    util: np.ndarray = np.asarray(levels, dtype=np.float64)[index]
+    return util
+
+
+@pytest.mark.parametrize(
+    ("levels", "jitter", "mad"),
+    [
+        ((90.0,), 0.0, 0.0),
+        ((86.0, 96.0), 1.0, 5.0),
+        ((89.0, 90.0), 0.0, 0.5),
+        ((60.0, 100.0), 0.0, 20.0),
+        ((90.0, 91.0, 90.0, 96.0), 0.5, 0.5),
+    ],
+    ids=["steady", "hops-of-10", "rounding-only", "phase-changes", "half-hops"],
+)
+def test_busy_jitter_and_mad_of_known_hops(
+    levels: tuple[float, ...], jitter: float, mad: float
+) -> None:
+    result = grid_result(ten_hz(), util_gpu_pct=hopping(levels), power_w=500.0)
+    assert result["util_busy_jitter_frac"] == pytest.approx(jitter, abs=0.06)
+    assert result["util_busy_mad_pct"] == pytest.approx(mad)
+
+
+def test_jitter_ignores_moves_into_and_out_of_idle() -> None:
+    # 2 s busy at 90 %, 2 s idle, alternating: every move is a start or a stop, not jitter.
+    util = hopping((90.0, 0.0), hold_s=2.0)
+    result = grid_result(ten_hz(), util_gpu_pct=util, power_w=300.0)
+    assert result["util_busy_jitter_frac"] == 0.0
+    assert result["util_busy_mad_pct"] == 0.0
+
+
+def test_jitter_and_mad_need_a_busy_window() -> None:
+    idle = grid_result(ten_hz(), util_gpu_pct=3.0, power_w=80.0)
+    assert "util_busy_jitter_frac" not in idle
+    assert "util_busy_mad_pct" not in idle
+
+
+def test_jitter_survives_a_slower_logger() -> None:
+    """Hops held 0.5 s read the same from a 250 ms log (the interval is not the signal)."""
+    t = ten_hz()
+    util = hopping((86.0, 96.0, 90.0))
+    keep = np.unique(np.floor(t / 0.25 + 1e-9), return_index=True)[1]
+    full = grid_result(t, util_gpu_pct=util)
+    slow = grid_result(t[keep], util_gpu_pct=util[keep])
+    # At most one of the 19 grid pairs may hold the previous reading at an edge.
+    assert slow["util_busy_jitter_frac"] == pytest.approx(full["util_busy_jitter_frac"], abs=0.06)
+    assert full["util_busy_jitter_frac"] > 0.9
+    assert slow["util_busy_mad_pct"] == pytest.approx(full["util_busy_mad_pct"])
+
+
+@pytest.mark.parametrize(
+    ("util", "power", "expected"),
+    [(100.0, 500.0, 1.0), (100.0, 150.0, 0.0), (90.0, 500.0, 0.0), (98.0, 246.0, 1.0)],
+    ids=["pinned-working", "pinned-spinning", "not-pinned", "at-both-limits"],
+)
+def test_saturated_warm_is_pinned_utilization_at_working_power(
+    util: float, power: float, expected: float
+) -> None:
+    result = grid_result(ten_hz(), util_gpu_pct=util, power_w=power)
+    assert result["util_saturated_warm_frac"] == expected
+    # Pinned grid instants are either cold or warm, never both.
+    if util >= 98.0:
+        assert result["util_saturated_warm_frac"] + result["util_busy_cold_frac"] == 1.0
+
+
+def test_saturated_warm_needs_a_known_sku() -> None:
+    result = grid_result(ten_hz(), GPU, util_gpu_pct=100.0, power_w=500.0)
+    assert "util_saturated_warm_frac" not in result

@@ -72,3 +72,19 @@ def test_a_single_training_window_never_raises(labels: str, position: int) -> No
     position %= len(labels)
     labels = labels[:position] + "T" + labels[position + 1 :]
     assert recording_verdict(windows(labels)).verdict != "training"
+
+
+@given(st.integers(2, 8), st.text(alphabet="I.", min_size=2, max_size=12), st.integers(0, 11))
+def test_one_odd_window_on_every_gpu_at_once_never_raises(
+    gpus: int, labels: str, position: int
+) -> None:
+    """GPUs of a host do not corroborate each other within one window.
+
+    Tensor-parallel serving moves its GPUs in lockstep, so one odd window shows on all of
+    them at once (in the 5 s trial every training call on a TP2 serving log was on both
+    GPUs): counting GPUs instead of windows would make one odd window an alarm.
+    """
+    position %= len(labels)
+    labels = labels[:position] + "T" + labels[position + 1 :]
+    host = [w for gpu in range(gpus) for w in windows(labels, gpu=gpu)]
+    assert recording_verdict(host).verdict != "training"

@@ -72,6 +72,16 @@ def test_inference_bursts_change_only_part_of_the_time(ticks: list[Tick]) -> Non
     assert 0.1 < touched < 0.6
 
 
+def test_inference_bursts_hold_a_steady_level_within_a_burst(ticks: list[Tick]) -> None:
+    """Serving utilization is steady between arrivals; i.i.d. per-sample noise would not be."""
+    changed = column(inference_bursts(ticks, rng(), 0.5, TDP_W), "util_gpu_pct")
+    original = column(ticks, "util_gpu_pct")
+    touched = (changed != original).any(axis=1)
+    steps = np.abs(np.diff(changed[:, 0]))[touched[1:] & touched[:-1]]
+    # Within a burst the reading moves by at most 2 points; bigger steps are burst edges.
+    assert np.mean(steps <= 2.0) > 0.9
+
+
 def test_partial_gpus_leave_the_chosen_share_working(ticks: list[Tick]) -> None:
     changed = partial_gpus(ticks, rng(), 0.25, TDP_W)
     working = (column(changed, "util_gpu_pct") > 0).any(axis=0)

@@ -37,7 +37,7 @@ def test_the_same_rows_and_seed_give_the_same_model(rows: list[WindowRow]) -> No
     first = fit_model(rows, FAST)
     second = fit_model(rows, FAST)
     assert first.to_document() == second.to_document()
-    assert first.model_version.startswith("gpuattest-classifier-v1+")
+    assert first.model_version.startswith("gpuattest-classifier-v2+")
 
 
 def test_the_exported_model_predicts_what_scikit_learn_predicts(rows: list[WindowRow]) -> None:

@@ -38,7 +38,7 @@ def tiny_model(threshold: float = 0.9) -> StumpModel:
 
 def test_the_packaged_model_loads_and_is_the_verifier_default() -> None:
     model = load_packaged_model()
-    assert model.model_version.startswith("gpuattest-classifier-v1")
+    assert model.model_version.startswith("gpuattest-classifier-v")
     classifier: Classifier = default_classifier()
     assert classifier.model_version == model.model_version
     assert 0.5 <= model.training_threshold <= 0.99
@@ -165,3 +165,19 @@ def test_the_packaged_document_is_plain_json_data() -> None:
     document = json.loads(path.read_text())
     assert document["format"] == "gpuattest-classifier/1"
     assert {f["name"] for f in document["features"]} == set(load_packaged_model().feature_names)
+
+
+# Model v2 (issue 3): the committed artifact the loader default should point at.
+V2_FEATURES = {"util_busy_jitter_frac", "util_busy_mad_pct", "util_saturated_warm_frac"}
+
+
+def test_the_committed_v2_model_reads_the_new_features_over_10_s_windows() -> None:
+    from server.classifier.fit import MODEL_FEATURES
+
+    path = Path(__file__).resolve().parents[3] / "server/classifier/models"
+    model = load_model(path / "gpuattest-classifier-v2.json")
+    assert model.model_version.startswith("gpuattest-classifier-v2+")
+    assert model.window_s == 10.0
+    assert model.feature_names == MODEL_FEATURES
+    assert set(model.feature_names) >= V2_FEATURES
+    assert 0.5 <= model.training_threshold <= 0.99
