@@ -675,14 +675,29 @@ def _util_busy_cold_frac(series: GpuSeries, gpu: GpuDescription) -> float | None
     collective waiting for a slower peer (gradient sync, a checkpoint barrier) looks like
     this. None for an unknown SKU.
     """
+    return _share_of_grid(
+        series,
+        gpu,
+        lambda util, power, tdp: (
+            (util >= _BUSY_COLD_UTIL_PCT) & (power <= _BUSY_COLD_TDP_FRAC * tdp)
+        ),
+    )
+
+
+def _share_of_grid(
+    series: GpuSeries,
+    gpu: GpuDescription,
+    inside: Callable[[FloatArray, FloatArray, float], npt.NDArray[np.bool_]],
+) -> float | None:
+    """Share of the grid points with both utilization and power read where
+    ``inside(util_pct, power_w, tdp_w)`` holds; None for an unknown SKU or too few points."""
     sku = sku_for(gpu.name, gpu.memory_total_mib)
     grid = _common_grid(series)
     both = np.isfinite(grid.util_pct) & np.isfinite(grid.power_w)
     if sku is None or np.count_nonzero(both) < _MIN_GRID_POINTS:
         return None
-    busy = grid.util_pct[both] >= _BUSY_COLD_UTIL_PCT
-    cold = grid.power_w[both] <= _BUSY_COLD_TDP_FRAC * sku.tdp_w
-    return float(np.count_nonzero(busy & cold)) / float(np.count_nonzero(both))
+    chosen = inside(grid.util_pct[both], grid.power_w[both], sku.tdp_w)
+    return float(np.count_nonzero(chosen)) / float(np.count_nonzero(both))
 
 
 # --- how utilization moves while the GPU works (issue 3, model v2) -------------------------------
@@ -745,11 +760,10 @@ def _util_saturated_warm_frac(series: GpuSeries, gpu: GpuDescription) -> float |
     a serving engine with asynchronous scheduling keeps a kernel queued all the time at
     working power. None for an unknown SKU.
     """
-    sku = sku_for(gpu.name, gpu.memory_total_mib)
-    grid = _common_grid(series)
-    both = np.isfinite(grid.util_pct) & np.isfinite(grid.power_w)
-    if sku is None or np.count_nonzero(both) < _MIN_GRID_POINTS:
-        return None
-    pinned = grid.util_pct[both] >= _SATURATED_UTIL_PCT
-    warm = grid.power_w[both] > _SATURATED_WARM_TDP_FRAC * sku.tdp_w
-    return float(np.count_nonzero(pinned & warm)) / float(np.count_nonzero(both))
+    return _share_of_grid(
+        series,
+        gpu,
+        lambda util, power, tdp: (
+            (util >= _SATURATED_UTIL_PCT) & (power > _SATURATED_WARM_TDP_FRAC * tdp)
+        ),
+    )
