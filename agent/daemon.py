@@ -392,7 +392,7 @@ class HintedBackoff(wait_base):
 
     def __init__(self, backoff: Callable[[RetryCallState], float], hint_cap_s: float) -> None:
         self._backoff = backoff
-        self._hint_cap_ms = math.floor(hint_cap_s * 1000)
+        self._hint_cap_s = hint_cap_s
 
     def __call__(self, retry_state: RetryCallState) -> float:
         """Seconds to wait before the next attempt."""
@@ -401,8 +401,7 @@ class HintedBackoff(wait_base):
         hint_ms = retry_after_ms(outcome.exception()) if outcome is not None else None
         if hint_ms is None:
             return backoff_s
-        # Capped as an integer: a hint of hundreds of digits would overflow a float.
-        return max(backoff_s, min(hint_ms, self._hint_cap_ms) / 1000)
+        return max(backoff_s, min(hint_ms / 1000, self._hint_cap_s))
 
 
 def retry_after_ms(error: BaseException | None) -> int | None:

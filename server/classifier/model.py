@@ -206,10 +206,6 @@ class StumpModel:
         return Prediction(*self._decide(probabilities), probabilities)
 
     def predict_many(self, rows: Sequence[Mapping[str, float]]) -> list[Prediction]:
-        """``predict`` for each row."""
-        return [self.predict(row) for row in rows]
-
-    def predict_batch(self, rows: Sequence[Mapping[str, float]]) -> list[Prediction]:
         """``predict`` for each row, the step functions evaluated for all rows at once.
 
         Gives exactly what :meth:`predict` gives (the same float32 rounding, intervals,
@@ -311,10 +307,8 @@ def _softmax(logits: Sequence[float]) -> tuple[float, ...]:
 
 
 def _softmax_rows(logits: FloatArray) -> list[list[float]]:
-    """``_softmax`` of each row, bit for bit: the same exp (math.exp, not numpy's) and sum."""
-    shifted = (logits - logits.max(axis=1, keepdims=True)).tolist()
-    exps = [[math.exp(v) for v in row] for row in shifted]
-    return [[v / total for v in row] for row in exps for total in (sum(row),)]
+    """``_softmax`` of each row (math.exp, not numpy's: bit for bit what predict() gives)."""
+    return [list(_softmax(row)) for row in logits.tolist()]
 
 
 # --- loading --------------------------------------------------------------------------------

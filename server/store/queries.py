@@ -31,19 +31,7 @@ WINDOW_COLUMNS = (
 
 def window_row(row: Row[*tuple[Any, ...]]) -> WindowRow:
     """A :class:`WindowRow` from a row of :data:`WINDOW_COLUMNS` plus the envelope's source."""
-    return _window_row(row, _stored_features(row))
-
-
-def _stored_features(row: Row[*tuple[Any, ...]]) -> dict[str, Any]:
-    if row.features_json is not None:  # stored before migration 0003
-        stored: dict[str, Any] = json.loads(row.features_json)
-        return stored
-    if row.feature_values is None or row.names_json is None:
-        raise ValueError(f"window {row.agent_id}/{row.sequence}/{row.gpu_index} has no features")
-    return unpack_features(row.names_json, row.feature_values)
-
-
-def _window_row(row: Row[*tuple[Any, ...]], features: dict[str, Any]) -> WindowRow:
+    features = _stored_features(row)
     return WindowRow(
         agent_id=row.agent_id,
         sequence=row.sequence,
@@ -57,6 +45,15 @@ def _window_row(row: Row[*tuple[Any, ...]], features: dict[str, Any]) -> WindowR
         source=row.source,
         features={str(name): float(value) for name, value in features.items()},
     )
+
+
+def _stored_features(row: Row[*tuple[Any, ...]]) -> dict[str, Any]:
+    if row.features_json is not None:  # stored before migration 0003
+        stored: dict[str, Any] = json.loads(row.features_json)
+        return stored
+    if row.feature_values is None or row.names_json is None:
+        raise ValueError(f"window {row.agent_id}/{row.sequence}/{row.gpu_index} has no features")
+    return unpack_features(row.names_json, row.feature_values)
 
 
 def current_keys(conn: Connection) -> dict[str, tuple[str, bool]]:

@@ -24,7 +24,7 @@ def two_feature_model() -> StumpModel:
 
 def assert_same(model: StumpModel, rows: list[dict[str, float]]) -> None:
     """Labels, confidences and probabilities equal bit for bit, row by row."""
-    assert model.predict_batch(rows) == [model.predict(row) for row in rows]
+    assert model.predict_many(rows) == [model.predict(row) for row in rows]
     assert model.classify_many(rows) == [model.classify(row) for row in rows]
 
 
@@ -46,7 +46,7 @@ def test_edge_values_score_as_predict_scores_them(row: dict[str, float]) -> None
 
 
 def test_no_rows_give_no_predictions() -> None:
-    assert PACKAGED.predict_batch([]) == []
+    assert PACKAGED.predict_many([]) == []
 
 
 def test_a_model_without_features_gives_no_evidence_everywhere() -> None:
