@@ -29,6 +29,7 @@ from server.store.retention import (
     retention_cutoff,
 )
 from server.store.schema import DEFAULT_WINDOW_PARTITION
+from tests.server.window_counters import windows_counted
 
 SECOND = 1_000_000_000
 HOUR = 3600 * SECOND
@@ -102,25 +103,6 @@ def _store_days(store: Store, starts: list[int]) -> None:
 
 def _window_starts(store: Store) -> list[int]:
     return sorted({w.start_unix_ns for w in store.list_windows(limit=100_000)})
-
-
-def _windows_counted(url: str) -> dict[str, int]:
-    """Each agent's windows_stored counter, after checking it against a COUNT of its windows."""
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT a.agent_id, a.windows_stored, (SELECT count(*) FROM gpu_windows w "
-                    "WHERE w.agent_id = a.agent_id) FROM agents a"
-                )
-            ).all()
-    finally:
-        engine.dispose()
-    assert {(agent, counter) for agent, counter, _ in rows} == {
-        (agent, count) for agent, _, count in rows
-    }
-    return {str(agent): int(counter) for agent, counter, _ in rows}
 
 
 def _enrol_agent_b(store: Store) -> None:
@@ -224,14 +206,14 @@ def test_retention_takes_what_it_removes_off_each_agents_counter(
     store.maintain_windows(NOW)  # partitions first (PostgreSQL): dropped, not deleted from
     # A late window of a day with no partition: PostgreSQL's default partition holds it.
     store.store_accepted([_envelope(3, DAY0 - 5 * DAY_NS, gpus=4, agent_id="agent-b")])
-    assert _windows_counted(store_url) == {"agent-a": 6, "agent-b": 8}
+    assert windows_counted(store_url) == {"agent-a": 6, "agent-b": 8}
 
     store.maintain_windows(NOW, retention_days=1)
 
-    assert _windows_counted(store_url) == {"agent-a": 4, "agent-b": 1}
+    assert windows_counted(store_url) == {"agent-a": 4, "agent-b": 1}
     # Resending envelopes whose windows retention removed stores and counts nothing.
     assert store.store_accepted([_envelope(1, DAY0 - 3 * DAY_NS, gpus=2)]) == 0
-    assert _windows_counted(store_url) == {"agent-a": 4, "agent-b": 1}
+    assert windows_counted(store_url) == {"agent-a": 4, "agent-b": 1}
 
 
 def test_without_retention_nothing_is_removed(store: Store) -> None:

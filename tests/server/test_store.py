@@ -41,6 +41,7 @@ from server.store import (
 )
 from server.store import engine as store_engine
 from server.store.engine import SQLITE_BUSY_TIMEOUT_MS, create_store_engine, database_url
+from tests.server.window_counters import windows_counted
 
 NOW = 1_700_000_000_000_000_000
 SECOND = 1_000_000_000
@@ -716,26 +717,10 @@ def test_list_windows_refuses_a_negative_limit(enrolled: Store) -> None:
 
 # -- the per-agent window counter ---------------------------------------------------------------
 
-# Each agent's counter beside a real count of its windows.
-_COUNTER_AND_COUNT = (
-    "SELECT a.agent_id, a.windows_stored, "
-    "(SELECT count(*) FROM gpu_windows w WHERE w.agent_id = a.agent_id) "
-    "FROM agents a ORDER BY a.agent_id"
-)
-
-
-def _windows_counted(store_url: str) -> dict[str, int]:
-    """Each agent's windows_stored, after checking it against a COUNT of its windows."""
-    rows = _rows(store_url, _COUNTER_AND_COUNT)
-    assert [(agent, counter) for agent, counter, _ in rows] == [
-        (agent, count) for agent, _, count in rows
-    ]
-    return {agent: counter for agent, counter, _ in rows}
-
 
 def test_the_counter_adds_only_windows_actually_stored(enrolled: Store, store_url: str) -> None:
     enrolled.store_accepted([_envelope("agent-a", 1, gpus=3), _envelope("agent-a", 2, gpus=3)])
-    assert _windows_counted(store_url) == {"agent-a": 6, "agent-b": 0}
+    assert windows_counted(store_url) == {"agent-a": 6, "agent-b": 0}
 
     # A resend, and a batch repeating stored and new envelopes (one of them twice).
     enrolled.store_accepted([_envelope("agent-a", 1, gpus=3), _envelope("agent-a", 2, gpus=3)])
@@ -743,7 +728,7 @@ def test_the_counter_adds_only_windows_actually_stored(enrolled: Store, store_ur
         [_envelope("agent-a", 2, gpus=3), _envelope("agent-b", 1), _envelope("agent-b", 1)]
     )
 
-    assert _windows_counted(store_url) == {"agent-a": 6, "agent-b": 2}
+    assert windows_counted(store_url) == {"agent-a": 6, "agent-b": 2}
 
 
 def test_a_failed_store_counts_nothing(enrolled: Store, store_url: str) -> None:
@@ -753,7 +738,7 @@ def test_a_failed_store_counts_nothing(enrolled: Store, store_url: str) -> None:
     with pytest.raises(StoreError):
         enrolled.store_accepted([_envelope("agent-a", 2), one_gpu_twice])
 
-    assert _windows_counted(store_url) == {"agent-a": 2, "agent-b": 0}
+    assert windows_counted(store_url) == {"agent-a": 2, "agent-b": 0}
 
 
 def test_gap_notices_and_envelopes_without_gpus_count_no_windows(
@@ -761,7 +746,7 @@ def test_gap_notices_and_envelopes_without_gpus_count_no_windows(
 ) -> None:
     enrolled.store_accepted([_envelope("agent-a", 1, gpus=0), _gap_notice("agent-a", 2, 4)])
 
-    assert _windows_counted(store_url) == {"agent-a": 0, "agent-b": 0}
+    assert windows_counted(store_url) == {"agent-a": 0, "agent-b": 0}
 
 
 _BATCHES = st.lists(
@@ -792,7 +777,7 @@ def test_the_counter_always_equals_a_count_of_the_windows(
     for batch in batches:
         enrolled.store_accepted([_envelope(a, n, gpus=gpus) for a, n, gpus in batch])
 
-        counted = _windows_counted(store_url)
+        counted = windows_counted(store_url)
         assert {a.agent_id: a.windows_stored for a in enrolled.list_agents()} == counted
 
 
@@ -830,7 +815,7 @@ def test_two_replicas_storing_the_same_envelopes_count_each_window_once(
         stored = [sum(_race_to_store(enrolled, rival, batch)) for batch in batches]
 
     assert stored == [8] * rounds
-    assert _windows_counted(store_url) == {"agent-a": 3 * 4 * rounds, "agent-b": 3 * 4 * rounds}
+    assert windows_counted(store_url) == {"agent-a": 3 * 4 * rounds, "agent-b": 3 * 4 * rounds}
 
 
 def _race_to_store(first: Store, second: Store, batch: list[AcceptedEnvelope]) -> list[int]:
